@@ -1,0 +1,58 @@
+"""The channel that carries TinyServe's engine-core numbers to the replica.
+
+vLLM's engine core runs in its own process. The plugin adds one method, `tinyserve_stats`, to vLLM's
+`EngineCore`; the replica calls it through `AsyncLLM.engine_core.call_utility_async("tinyserve_stats")`
+and gets a plain dict (msgspec-serialisable) back. Sections:
+
+- "plugin": {"pid", "features"}: proof the plugin runs inside this engine core;
+- "kv": block-pool numbers (from the pool's `stats()` when it is TinyServe's, else the stock counts);
+- "selection": query-aware selection counters gathered from the workers (empty when selection is off).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from tinyserve.engine.settings import EngineSettings
+
+__all__ = ["STATS_METHOD", "install_stats_channel", "collect_engine_stats"]
+
+STATS_METHOD = "tinyserve_stats"
+
+
+def _block_pool(engine_core: Any) -> Any:
+    return engine_core.scheduler.kv_cache_manager.block_pool
+
+
+def collect_engine_stats(engine_core: Any) -> dict[str, Any]:
+    """Snapshot of TinyServe's numbers inside one engine core (runs in the engine-core process)."""
+    from tinyserve.engine.plugin import installed_features
+
+    pool = _block_pool(engine_core)
+    if hasattr(pool, "stats"):
+        kv = dict(pool.stats())
+    else:
+        kv = {
+            "num_blocks": pool.num_gpu_blocks,
+            "num_free_blocks": pool.get_num_free_blocks(),
+            "usage": pool.get_usage(),
+        }
+    selection: dict[str, Any] = {}
+    if "selection" in installed_features():
+        from tinyserve.engine.selection_backend import gather_selection_stats
+
+        selection = gather_selection_stats(engine_core)
+    return {
+        "plugin": {"pid": os.getpid(), "features": installed_features()},
+        "kv": kv,
+        "selection": selection,
+    }
+
+
+def install_stats_channel(settings: EngineSettings) -> None:
+    """Add `EngineCore.tinyserve_stats` (idempotent; harmless in processes that never build an EngineCore)."""
+    from vllm.v1.engine.core import EngineCore
+
+    if not hasattr(EngineCore, STATS_METHOD):
+        setattr(EngineCore, STATS_METHOD, collect_engine_stats)
