@@ -1,6 +1,243 @@
-"""Dispatch: CUDA kernels for CUDA tensors when CuPy is importable, the torch reference otherwise."""
+"""Dispatch of the paged-KV kernels: CUDA kernels for CUDA tensors when CuPy is importable, else reference.
 
-from tinyserve.kernels.reference import (  # noqa: F401
-    copy_blocks, free_run_stats, free_runs, page_scores, paged_decode_attention, query_aware_decode,
-    select_pages, sparse_paged_decode_attention, update_page_metadata,
-)
+Same functions and meanings as ``reference`` (see its docstring for shapes). The CUDA path handles
+bf16/fp16 caches, head sizes 64/128, GQA groups 1/2/4/8 and power-of-two block sizes; anything else, CPU
+tensors, or ``TINYSERVE_KERNELS=reference`` in the environment, takes the reference. The attention
+functions take an optional ``out`` tensor (the output is written there). CUDA-path contracts beyond the
+reference: tensors contiguous; ``copy_blocks`` sources and destinations disjoint; metadata in the keys'
+dtype.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from tinyserve.kernels import loader, reference
+from tinyserve.kernels.reference import budget_pages, free_runs, num_pages_of
+
+__all__ = [
+    "update_page_metadata",
+    "page_scores",
+    "select_pages",
+    "paged_decode_attention",
+    "sparse_paged_decode_attention",
+    "query_aware_decode",
+    "copy_blocks",
+    "free_runs",
+    "free_run_stats",
+    "cuda_enabled",
+    "plan_splits",
+]
+
+_TYPES = {torch.bfloat16: "bf16_t", torch.float16: "f16_t"}
+_LOG2E = 1.4426950408889634
+_MAX_PAGES_PER_SPLIT = 2048
+_MIN_TOKENS_PER_SPLIT = 256
+
+
+def cuda_enabled(*tensors: Tensor) -> bool:
+    """True when every tensor is on CUDA, CuPy is usable and the reference is not forced."""
+    if os.environ.get("TINYSERVE_KERNELS", "") == "reference":
+        return False
+    return all(t.is_cuda for t in tensors) and loader.available()
+
+
+def _p(t: Tensor | None) -> np.uint64:
+    return np.uint64(0 if t is None else t.data_ptr())
+
+
+def _i(x: int) -> np.int32:
+    return np.int32(x)
+
+
+def _attn_ok(query: Tensor, key_cache: Tensor) -> bool:
+    b, hq, d = query.shape
+    bs, hkv = key_cache.shape[1], key_cache.shape[2]
+    return (query.dtype in _TYPES and key_cache.dtype == query.dtype and d in (64, 128)
+            and hq % hkv == 0 and hq // hkv in (1, 2, 4, 8) and bs & (bs - 1) == 0)
+
+
+def plan_splits(batch: int, num_kv_heads: int, max_list_pages: int, block_size: int) -> tuple[int, int]:
+    """(num_splits, pages_per_split) for split-K: about four CTAs per multiprocessor, at least 256 tokens
+    and at most 2048 pages per split."""
+    target = 4 * loader.num_sms(torch.cuda.current_device())
+    splits = max(1, math.ceil(target / max(1, batch * num_kv_heads)))
+    pps = max(math.ceil(max_list_pages / splits), math.ceil(_MIN_TOKENS_PER_SPLIT / block_size), 1)
+    pps = min(pps, _MAX_PAGES_PER_SPLIT)
+    return max(1, math.ceil(max_list_pages / pps)), pps
+
+
+def _attention(query: Tensor, key_cache: Tensor, value_cache: Tensor, block_tables: Tensor,
+               seq_lens: Tensor, selected: Tensor | None, num_selected: Tensor | None, scale: float,
+               out: Tensor | None) -> Tensor:
+    b, hq, d = query.shape
+    bs, hkv = key_cache.shape[1], key_cache.shape[2]
+    g = hq // hkv
+    t = _TYPES[query.dtype]
+    unroll = 4 if g <= 4 else 2
+    max_list = selected.shape[-1] if selected is not None else block_tables.shape[1]
+    splits, pps = plan_splits(b, hkv, max_list, bs)
+    if out is None:
+        out = torch.empty_like(query)
+    if splits > 1:
+        part_acc = torch.empty(b, hq, splits, d, dtype=torch.float32, device=query.device)
+        part_ml = torch.empty(b, hq, splits, 2, dtype=torch.float32, device=query.device)
+    else:
+        part_acc = part_ml = None
+    fn = loader.kernel("paged_attention.cu", f"paged_decode_attention<{t},{d},{g},{unroll}>")
+    loader.launch(fn, (splits, hkv, b), (128,), (
+        _p(query), _p(key_cache), _p(value_cache), _p(block_tables), _p(seq_lens), _p(selected),
+        _p(num_selected), _i(block_tables.stride(0)), _i(max_list if selected is not None else 0), _i(hkv),
+        _i(bs.bit_length() - 1), _i(pps), np.float32(scale * _LOG2E), _p(part_acc), _p(part_ml), _p(out),
+    ), shared_mem=4 * pps)
+    if splits > 1:
+        red = loader.kernel("paged_attention.cu", f"paged_decode_reduce<{t},{d}>")
+        loader.launch(red, (b * hq,), (d,), (_p(part_acc), _p(part_ml), _i(splits), _p(out)))
+    return out
+
+
+def _i32(t: Tensor) -> Tensor:
+    return t.to(torch.int32).contiguous()
+
+
+def paged_decode_attention(query: Tensor, key_cache: Tensor, value_cache: Tensor, block_tables: Tensor,
+                           seq_lens: Tensor, scale: float, out: Tensor | None = None) -> Tensor:
+    """Dense paged decode attention (split-K CUDA kernel + reduce on GPU)."""
+    if not (cuda_enabled(query, key_cache, value_cache) and _attn_ok(query, key_cache)):
+        r = reference.paged_decode_attention(query, key_cache, value_cache, block_tables, seq_lens, scale)
+        return r if out is None else out.copy_(r)
+    return _attention(query.contiguous(), key_cache, value_cache, _i32(block_tables), _i32(seq_lens),
+                      None, None, scale, out)
+
+
+def sparse_paged_decode_attention(query: Tensor, key_cache: Tensor, value_cache: Tensor,
+                                  block_tables: Tensor, seq_lens: Tensor, selected: Tensor, scale: float,
+                                  out: Tensor | None = None, num_selected: Tensor | None = None) -> Tensor:
+    """Attention over the selected pages of each KV head (ascending, -1 padded, last page last)."""
+    if not (cuda_enabled(query, key_cache, value_cache) and _attn_ok(query, key_cache)):
+        r = reference.sparse_paged_decode_attention(query, key_cache, value_cache, block_tables, seq_lens,
+                                                    selected, scale)
+        return r if out is None else out.copy_(r)
+    if num_selected is None:
+        num_selected = (selected >= 0).sum(-1)
+    return _attention(query.contiguous(), key_cache, value_cache, _i32(block_tables), _i32(seq_lens),
+                      _i32(selected), _i32(num_selected), scale, out)
+
+
+def page_scores(query: Tensor, key_min: Tensor, key_max: Tensor, block_tables: Tensor, seq_lens: Tensor,
+                block_size: int) -> Tensor:
+    """Query-aware page scores, fp32 [B, Hkv, max_pages] (-inf past each sequence)."""
+    b, hq, d = query.shape
+    hkv = key_min.shape[1]
+    ok = (cuda_enabled(query, key_min, key_max) and query.dtype in _TYPES and key_min.dtype == query.dtype
+          and d in (64, 128) and hq // hkv in (1, 2, 4, 8) and block_size & (block_size - 1) == 0)
+    if not ok:
+        return reference.page_scores(query, key_min, key_max, block_tables, seq_lens, block_size)
+    bt = _i32(block_tables)
+    p = bt.shape[1]
+    scores = torch.empty(b, hkv, p, dtype=torch.float32, device=query.device)
+    fn = loader.kernel("page_select.cu", f"page_scores<{_TYPES[query.dtype]},{d},{hq // hkv}>")
+    loader.launch(fn, (math.ceil(p / 128), hkv, b), (256,), (
+        _p(query.contiguous()), _p(key_min), _p(key_max), _p(bt), _p(_i32(seq_lens)), _i(bt.stride(0)),
+        _i(p), _i(hkv), _i(block_size.bit_length() - 1), _p(scores)))
+    return scores
+
+
+def select_pages(scores: Tensor, seq_lens: Tensor, block_size: int, budget_tokens: int,
+                 num_sink_pages: int = 1) -> tuple[Tensor, Tensor]:
+    """Sinks + last page + top-scoring pages within the budget, ascending, -1 padded."""
+    if not (cuda_enabled(scores) and block_size & (block_size - 1) == 0):
+        return reference.select_pages(scores, seq_lens, block_size, budget_tokens, num_sink_pages)
+    b, hkv, p = scores.shape
+    k = min(p, budget_pages(budget_tokens, block_size, num_sink_pages))
+    sel = torch.empty(b, hkv, k, dtype=torch.int32, device=scores.device)
+    nsel = torch.empty(b, hkv, dtype=torch.int32, device=scores.device)
+    fn = loader.kernel("page_select.cu", "select_pages")
+    loader.launch(fn, (hkv, b), (512,), (
+        _p(scores.float().contiguous()), _p(_i32(seq_lens)), _i(p), _i(hkv), _i(block_size.bit_length() - 1),
+        _i(k), _i(num_sink_pages), _p(sel), _p(nsel)))
+    return sel, nsel
+
+
+def query_aware_decode(query: Tensor, key_cache: Tensor, value_cache: Tensor, key_min: Tensor,
+                       key_max: Tensor, block_tables: Tensor, seq_lens: Tensor, scale: float,
+                       block_size: int, budget_tokens: int, num_sink_pages: int = 1,
+                       out: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """Score, select and attend: (out, selected, num_selected). Four launches on the CUDA path
+    (scores, selection, split-K attention, reduce)."""
+    if not (cuda_enabled(query, key_cache, value_cache) and _attn_ok(query, key_cache)):
+        r, s, n = reference.query_aware_decode(query, key_cache, value_cache, key_min, key_max, block_tables,
+                                               seq_lens, scale, block_size, budget_tokens, num_sink_pages)
+        return (r if out is None else out.copy_(r)), s, n
+    bt, sl = _i32(block_tables), _i32(seq_lens)
+    scores = page_scores(query, key_min, key_max, bt, sl, block_size)
+    sel, nsel = select_pages(scores, sl, block_size, budget_tokens, num_sink_pages)
+    o = _attention(query.contiguous(), key_cache, value_cache, bt, sl, sel, nsel, scale, out)
+    return o, sel, nsel
+
+
+def update_page_metadata(key_min: Tensor, key_max: Tensor, key: Tensor, slot_mapping: Tensor,
+                         block_size: int) -> None:
+    """Fold written keys into per-block min/max in place (reset on offset 0); exact."""
+    ok = (cuda_enabled(key_min, key_max, key) and key.dtype in _TYPES and key_min.dtype == key.dtype
+          and key_max.dtype == key.dtype and key_min.is_contiguous() and key_max.is_contiguous()
+          and key.shape[-1] % 2 == 0)
+    if not ok:
+        return reference.update_page_metadata(key_min, key_max, key, slot_mapping, block_size)
+    t = key.shape[0]
+    if t == 0:
+        return None
+    k = key.contiguous()
+    slots = slot_mapping.to(device=key.device, dtype=torch.int64).contiguous()
+    words = k[0].numel() // 2
+    tn = _TYPES[key.dtype]
+    reset = loader.kernel("page_metadata.cu", f"page_metadata_reset<{tn}>")
+    loader.launch(reset, (t,), (256,), (_p(slots), _i(t), _i(block_size), _i(words), _p(key_min), _p(key_max)))
+    merge = loader.kernel("page_metadata.cu", f"page_metadata_merge<{tn}>")
+    grid = min(math.ceil(t * words / 256), 8 * loader.num_sms(torch.cuda.current_device()))
+    loader.launch(merge, (grid,), (256,), (_p(k), _p(slots), _i(t), _i(block_size), _i(words),
+                                           _p(key_min), _p(key_max)))
+    return None
+
+
+def copy_blocks(caches: list[Tensor], src: Tensor, dst: Tensor) -> None:
+    """Copy block src[i] -> dst[i] of every cache in one launch (CUDA: sources and destinations disjoint)."""
+    if src.numel() == 0:
+        return None
+    if not (cuda_enabled(*caches) and all(c.is_contiguous() for c in caches)):
+        return reference.copy_blocks(caches, src, dst)
+    dev = caches[0].device
+    meta = torch.tensor([[c.data_ptr() for c in caches], [c[0].numel() * c.element_size() for c in caches]],
+                        dtype=torch.int64).to(dev, non_blocking=True)
+    s = src.to(device=dev, dtype=torch.int64).contiguous()
+    d = dst.to(device=dev, dtype=torch.int64).contiguous()
+    fn = loader.kernel("block_copy.cu", "copy_blocks")
+    loader.launch(fn, (s.numel(), len(caches)), (256,), (_p(meta[0]), _p(meta[1]), _p(s), _p(d)))
+    return None
+
+
+def free_run_stats(used: Tensor) -> dict[str, int]:
+    """{"num_free", "num_runs", "largest_run"} of a block-state bitmap (True = used)."""
+    n = used.numel()
+    if not cuda_enabled(used) or n == 0:
+        return reference.free_run_stats(used)
+    u = used.reshape(-1).contiguous()
+    u = u.view(torch.uint8) if u.dtype == torch.bool else (u != 0).view(torch.uint8)
+    per_cta = 256 * 16
+    nparts = math.ceil(n / per_cta)
+    partial = torch.empty(nparts * 6, dtype=torch.int64, device=used.device)
+    result = torch.empty(3, dtype=torch.int64, device=used.device)
+    loader.launch(loader.kernel("free_runs.cu", "free_runs_partial"), (nparts,), (256,),
+                  (_p(u), np.int64(n), _p(partial)))
+    loader.launch(loader.kernel("free_runs.cu", "free_runs_finish"), (1,), (256,),
+                  (_p(partial), _i(nparts), _p(result)))
+    nf, nr, lr = result.tolist()
+    return {"num_free": nf, "num_runs": nr, "largest_run": lr}
+
+
+_ = (free_runs, num_pages_of)   # re-exported unchanged: torch runs them on any device

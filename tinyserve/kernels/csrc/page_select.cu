@@ -1,0 +1,195 @@
+// Query-aware page scoring and top-k page selection (see reference.page_scores / select_pages).
+//
+// page_scores: grid (ceil(P / PAGES_PER_CTA), Hkv, B), 256 threads; a group of D/8 lanes scores one page
+// from its min/max metadata: score = qpos . max + qneg . min, where qpos / qneg are the sums over the
+// KV head's query heads of relu(q) and min(q, 0) (equal to sum_g sum_c max(q*min, q*max)).
+// Pages past the sequence get -inf.
+//
+// select_pages: grid (Hkv, B), 512 threads. Keeps sinks and the last page, and the `need` best of the
+// others by an MSB-first radix select on order-preserving 32-bit keys (4 passes of 8 bits, histograms in
+// shared memory), then writes the chosen pages in ascending order with a block-wide prefix count
+// (ties at the threshold go to the lowest page indices). NaN scores rank lowest.
+
+#define SCORE_PAGES_PER_CTA 128
+
+template <typename T, int D, int G>
+__global__ void __launch_bounds__(256) page_scores(
+    const u16 *__restrict__ q, const u16 *__restrict__ kmin, const u16 *__restrict__ kmax,
+    const int *__restrict__ bt, const int *__restrict__ seq_lens, int bt_stride, int max_pages,
+    int hkv, int bs_shift, float *__restrict__ scores)   // [B, Hkv, max_pages]
+{
+  constexpr int LANES = D / 8;
+  constexpr int GPC = 256 / LANES;   // pages scored in parallel by the CTA
+  const int h = blockIdx.y, b = blockIdx.z;
+  const int lane = threadIdx.x % LANES, pg = threadIdx.x / LANES;
+  const int npages = (seq_lens[b] + (1 << bs_shift) - 1) >> bs_shift;
+  float qp[8], qn[8];
+#pragma unroll
+  for (int e = 0; e < 8; ++e) { qp[e] = 0.f; qn[e] = 0.f; }
+#pragma unroll
+  for (int g = 0; g < G; ++g) {
+    float f[8];
+    unpack8<T>(ldg16(q + ((size_t)b * hkv * G + (size_t)h * G + g) * D + lane * 8), f);
+#pragma unroll
+    for (int e = 0; e < 8; ++e) { qp[e] += fmaxf(f[e], 0.f); qn[e] += fminf(f[e], 0.f); }
+  }
+  const int first = blockIdx.x * SCORE_PAGES_PER_CTA;
+  constexpr int ITER = SCORE_PAGES_PER_CTA / GPC;
+  uint4 rmin[ITER], rmax[ITER];
+#pragma unroll
+  for (int it = 0; it < ITER; ++it) {
+    int p = first + it * GPC + pg;
+    if (p < npages) {
+      size_t off = ((size_t)bt[(size_t)b * bt_stride + p] * hkv + h) * D + lane * 8;
+      rmin[it] = ldg16(kmin + off);
+      rmax[it] = ldg16(kmax + off);
+    }
+  }
+#pragma unroll
+  for (int it = 0; it < ITER; ++it) {
+    int p = first + it * GPC + pg;
+    float s = 0.f;
+    if (p < npages) {
+      float fmn[8], fmx[8];
+      unpack8<T>(rmin[it], fmn);
+      unpack8<T>(rmax[it], fmx);
+#pragma unroll
+      for (int e = 0; e < 8; ++e) s = fmaf(qp[e], fmx[e], fmaf(qn[e], fmn[e], s));
+    }
+#pragma unroll
+    for (int o = LANES / 2; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
+    if (lane == 0 && p < max_pages)
+      scores[((size_t)b * hkv + h) * max_pages + p] = (p < npages) ? s : TS_NEG_INF;
+  }
+}
+
+__device__ __forceinline__ u32 order_key(float f) {
+  u32 u = __float_as_uint(f);
+  if (f != f) return 0u;                       // NaN ranks lowest
+  return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+}
+
+#define SEL_THREADS 512
+#define SEL_SMEM_KEYS 8192
+
+// Block-wide exclusive prefix count of `flag`; returns this thread's prefix, total via *total.
+__device__ __forceinline__ int block_prefix(bool flag, int *s_warp, int *total) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  u32 bal = __ballot_sync(0xffffffffu, flag);
+  int before = __popc(bal & ((1u << lane) - 1u));
+  if (lane == 0) s_warp[warp] = __popc(bal);
+  __syncthreads();
+  if (warp == 0) {
+    int v = lane < (SEL_THREADS / 32) ? s_warp[lane] : 0;
+    int incl = v;
+#pragma unroll
+    for (int o = 1; o < 32; o <<= 1) {
+      int n = __shfl_up_sync(0xffffffffu, incl, o);
+      if (lane >= o) incl += n;
+    }
+    if (lane < (SEL_THREADS / 32)) s_warp[lane] = incl - v;
+    if (lane == (SEL_THREADS / 32) - 1) s_warp[32] = incl;
+  }
+  __syncthreads();
+  int r = s_warp[warp] + before;
+  *total = s_warp[32];
+  __syncthreads();
+  return r;
+}
+
+__global__ void __launch_bounds__(SEL_THREADS) select_pages(
+    const float *__restrict__ scores, const int *__restrict__ seq_lens, int max_pages, int hkv,
+    int bs_shift, int k, int num_sinks, int *__restrict__ sel, int *__restrict__ nsel)
+{
+  __shared__ u32 s_keys[SEL_SMEM_KEYS];
+  __shared__ int s_hist[256];
+  __shared__ int s_warp[33];
+  __shared__ u32 s_prefix, s_remaining;
+  const int h = blockIdx.x, b = blockIdx.y, tid = threadIdx.x;
+  const size_t row = (size_t)b * hkv + h;
+  const float *sc = scores + row * max_pages;
+  int *out = sel + row * k;
+  const int npages = (seq_lens[b] + (1 << bs_shift) - 1) >> bs_shift;
+
+  if (npages <= k) {                     // everything fits: all pages, dense-equivalent
+    for (int j = tid; j < k; j += SEL_THREADS) out[j] = j < npages ? j : -1;
+    if (tid == 0) nsel[row] = npages;
+    return;
+  }
+  const int c0 = num_sinks, c1 = npages - 1;    // candidates [c0, c1); sinks < npages - 1 here
+  const int need = k - num_sinks - 1;
+  const bool cached = (c1 - c0) <= SEL_SMEM_KEYS;
+  if (cached)
+    for (int j = tid; j < c1 - c0; j += SEL_THREADS) s_keys[j] = order_key(sc[c0 + j]);
+  if (tid == 0) { s_prefix = 0u; s_remaining = (u32)need; }
+  __syncthreads();
+
+  u32 mask = 0u;
+  if (need > 0) {
+    for (int shift = 24; shift >= 0; shift -= 8) {
+      for (int j = tid; j < 256; j += SEL_THREADS) s_hist[j] = 0;
+      __syncthreads();
+      const u32 prefix = s_prefix;
+      for (int j = tid; j < c1 - c0; j += SEL_THREADS) {
+        u32 key = cached ? s_keys[j] : order_key(sc[c0 + j]);
+        if ((key & mask) == prefix) atomicAdd(&s_hist[(key >> shift) & 0xffu], 1);
+      }
+      __syncthreads();
+      if (tid < 32) {                    // find the digit holding the remaining-th largest key
+        const u32 rem = s_remaining;
+        int cnt = 0;                     // lane owns digits 255-8*lane .. 248-8*lane
+#pragma unroll
+        for (int i = 0; i < 8; ++i) cnt += s_hist[255 - 8 * tid - i];
+        int incl = cnt;
+#pragma unroll
+        for (int o = 1; o < 32; o <<= 1) {
+          int n = __shfl_up_sync(0xffffffffu, incl, o);
+          if (tid >= o) incl += n;
+        }
+        int excl = incl - cnt;
+        if ((u32)excl < rem && rem <= (u32)incl) {
+          int run = excl;
+          for (int i = 0; i < 8; ++i) {
+            int dgt = 255 - 8 * tid - i;
+            int c = s_hist[dgt];
+            if ((u32)(run + c) >= rem) {
+              s_prefix = prefix | ((u32)dgt << shift);
+              s_remaining = rem - (u32)run;
+              break;
+            }
+            run += c;
+          }
+        }
+      }
+      mask |= 0xffu << shift;
+      __syncthreads();
+    }
+  }
+  const u32 thresh = s_prefix;
+  const int ties = need > 0 ? (int)s_remaining : 0;
+  int written = 0, ties_seen = 0;
+  for (int base = 0; base < npages; base += SEL_THREADS) {
+    const int p = base + tid;
+    bool in = p < npages;
+    bool take = false, tie = false;
+    if (in) {
+      if (p < c0 || p == c1) {
+        take = true;
+      } else if (need > 0) {
+        u32 key = cached ? s_keys[p - c0] : order_key(sc[p]);
+        take = key > thresh;
+        tie = key == thresh;
+      }
+    }
+    int tie_total;
+    int tie_rank = ties_seen + block_prefix(tie, s_warp, &tie_total);
+    take = take || (tie && tie_rank < ties);
+    ties_seen += tie_total;
+    int tot;
+    int pos = written + block_prefix(take, s_warp, &tot);
+    if (take) out[pos] = p;
+    written += tot;
+  }
+  for (int j = written + tid; j < k; j += SEL_THREADS) out[j] = -1;
+  if (tid == 0) nsel[row] = written;
+}
