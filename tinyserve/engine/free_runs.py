@@ -1,0 +1,166 @@
+"""Maximal runs of free block ids, indexed for best-fit placement.
+
+A *run* is a maximal interval [start, end) of consecutive block ids that are all in the set. Runs are
+filed in size classes (exact lengths below 64, then eight classes per power of two) whose non-empty
+classes are bits of one small integer, so "the smallest run that holds k blocks" and "the largest run"
+cost O(1) bit operations plus a bounded look inside one class. Adding a block merges with its
+neighbours in O(1); taking blocks from the start of a run is O(1) plus one byte per block taken.
+"""
+
+from __future__ import annotations
+
+__all__ = ["FreeRuns", "size_class"]
+
+_EXACT_CLASSES = 64
+_SUB_BITS = 3
+# How many members of the one size class that mixes fitting and non-fitting runs are examined before
+# moving to the next class (where every run fits). Bounds best-fit work; makes it "good fit" there.
+_CLASS_SCAN_LIMIT = 16
+
+
+def size_class(length: int) -> int:
+    """Size class of a run of `length` >= 1 blocks (monotone non-decreasing in length)."""
+    if length < _EXACT_CLASSES:
+        return length
+    top = length.bit_length()
+    sub = (length >> (top - 1 - _SUB_BITS)) & ((1 << _SUB_BITS) - 1)
+    return _EXACT_CLASSES + ((top - 7) << _SUB_BITS) + sub
+
+
+class FreeRuns:
+    """The set of free block ids in [0, num_blocks), kept as maximal runs.
+
+    Owns: membership (`contains`), the runs (start -> end and last -> start), and their size classes.
+    Invariants: runs are maximal and disjoint; `num_free` is the number of member ids; `num_runs` is the
+    number of runs; every run is in exactly the size class of its length, and bit c of the class mask is
+    set iff class c is non-empty.
+    """
+
+    __slots__ = ("num_blocks", "num_free", "num_runs", "_member", "_end", "_start", "_classes", "_mask")
+
+    def __init__(self, num_blocks: int) -> None:
+        self.num_blocks = num_blocks
+        self.num_free = 0
+        self.num_runs = 0
+        self._member = bytearray(num_blocks)
+        self._end = [0] * num_blocks  # valid at run starts: exclusive end
+        self._start = [0] * num_blocks  # valid at run lasts: start
+        self._classes: list[set[int]] = [set() for _ in range(size_class(max(num_blocks, 1)) + 1)]
+        self._mask = 0
+
+    # ---- queries -------------------------------------------------------------------------------
+
+    def contains(self, block_id: int) -> bool:
+        return bool(self._member[block_id])
+
+    def run_at(self, start: int) -> int | None:
+        """End (exclusive) of the run that starts at `start`, or None if no run starts there."""
+        if 0 <= start < self.num_blocks and self._member[start] and (start == 0 or not self._member[start - 1]):
+            return self._end[start]
+        return None
+
+    def best_fit(self, num: int) -> int | None:
+        """Start of a run of at least `num` blocks, the smallest such run (exact below 64 blocks)."""
+        cls = size_class(num)
+        if cls >= len(self._classes):
+            return None
+        rest = self._mask >> cls
+        if not rest:
+            return None
+        cls += (rest & -rest).bit_length() - 1
+        members = self._classes[cls]
+        if cls < _EXACT_CLASSES:
+            return next(iter(members))
+        best, best_len = None, 0
+        for seen, start in enumerate(members):
+            length = self._end[start] - start
+            if length >= num and (best is None or length < best_len):
+                best, best_len = start, length
+                if length == num:
+                    break
+            if seen >= _CLASS_SCAN_LIMIT:
+                break
+        if best is not None:
+            return best
+        rest = self._mask >> (cls + 1)
+        if not rest:
+            return None
+        cls += (rest & -rest).bit_length()
+        return next(iter(self._classes[cls]))
+
+    def largest(self) -> tuple[int, int] | None:
+        """(start, length) of a longest run, or None when empty."""
+        if not self._mask:
+            return None
+        members = self._classes[self._mask.bit_length() - 1]
+        start = max(members, key=lambda s: self._end[s] - s)
+        return start, self._end[start] - start
+
+    def runs(self) -> list[tuple[int, int]]:
+        """All runs as (start, end), ascending (O(runs); for tests and analysis)."""
+        return sorted((s, self._end[s]) for members in self._classes for s in members)
+
+    # ---- updates -------------------------------------------------------------------------------
+
+    def add(self, block_id: int) -> None:
+        """Put a block that is not a member into the set, merging with neighbouring runs."""
+        member = self._member
+        assert not member[block_id], block_id
+        left = block_id > 0 and member[block_id - 1]
+        right = block_id + 1 < self.num_blocks and member[block_id + 1]
+        start, end = block_id, block_id + 1
+        if left:
+            start = self._start[block_id - 1]
+            self._file_out(start, block_id)
+        if right:
+            end = self._end[block_id + 1]
+            self._file_out(block_id + 1, end)
+        self._file_in(start, end)
+        member[block_id] = 1
+        self.num_free += 1
+        self.num_runs += 1 - left - right
+
+    def take_prefix(self, start: int, num: int) -> None:
+        """Remove the first `num` blocks of the run that starts at `start` (num <= its length)."""
+        end = self._end[start]
+        assert self.run_at(start) == end and 0 < num <= end - start
+        self._file_out(start, end)
+        if start + num < end:
+            self._file_in(start + num, end)
+        else:
+            self.num_runs -= 1
+        member = self._member
+        for block_id in range(start, start + num):
+            member[block_id] = 0
+        self.num_free -= num
+
+    def remove(self, block_id: int) -> None:
+        """Remove any member (it may sit inside a run; finding its run scans bytes, O(run) in C)."""
+        member = self._member
+        assert member[block_id], block_id
+        start = member.rfind(0, 0, block_id) + 1
+        end = self._end[start]
+        self._file_out(start, end)
+        if start < block_id:
+            self._file_in(start, block_id)
+        if block_id + 1 < end:
+            self._file_in(block_id + 1, end)
+        member[block_id] = 0
+        self.num_free -= 1
+        self.num_runs += (start < block_id) + (block_id + 1 < end) - 1
+
+    # ---- internals -----------------------------------------------------------------------------
+
+    def _file_in(self, start: int, end: int) -> None:
+        self._end[start] = end
+        self._start[end - 1] = start
+        cls = size_class(end - start)
+        self._classes[cls].add(start)
+        self._mask |= 1 << cls
+
+    def _file_out(self, start: int, end: int) -> None:
+        cls = size_class(end - start)
+        members = self._classes[cls]
+        members.remove(start)
+        if not members:
+            self._mask &= ~(1 << cls)
