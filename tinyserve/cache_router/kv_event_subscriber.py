@@ -109,6 +109,15 @@ class KVEventSubscriber:
         return {k: StreamState(**{f: getattr(s, f) for f in s.__dataclass_fields__ if f != "sub"})
                 for k, s in list(self._streams.items())}
 
+    def event_lag_s(self, replica: Hashable) -> float | None:
+        """Lag of the latest applied batch (engine timestamp to applied), None if none yet."""
+        s = self._streams.get(replica)
+        return s.last_event_lag_s if s is not None and s.batches else None
+
+    def resyncs(self, replica: Hashable) -> int | None:
+        s = self._streams.get(replica)
+        return s.resyncs if s is not None else None
+
     def stop(self) -> None:
         if not self._running:
             return
