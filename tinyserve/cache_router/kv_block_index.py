@@ -19,15 +19,16 @@ ReplicaKey = Hashable
 
 
 class KVBlockIndex:
-    """Inverted index block hash → replicas holding it, with a per-replica reference count.
+    """Inverted index block hash → bitmask of the replicas holding it, with per-replica block sets.
 
-    Owns: ``_holders`` (hash → set of replicas), ``_counts`` (replica → hash → number of engine blocks
-    with that hash; vLLM may cache the same hash twice), ``_approx`` (replica → hash → expiry time, in
-    insertion/refresh order) and each replica's mode. Invariants: ``r in _holders[h]`` iff
-    ``_counts[r][h] > 0``; no empty set stays in ``_holders``; an approximate replica's counts are all 1
-    and its keys equal ``_approx[r]``'s. All methods are thread-safe (one lock; the event subscriber
-    writes from its thread, the router reads on its event loop), and every call holds the lock for
-    O(blocks touched), never O(index).
+    Owns: ``_slot`` (replica → bit; bits of removed replicas are reused), ``_holders`` (hash → bitmask),
+    ``_blocks`` (replica → set of hashes), ``_dups`` (replica → hash → extra copies: vLLM may cache the same
+    hash in two blocks, each removed by its own event), ``_approx`` (approximate replica → hash → expiry,
+    oldest first) and each replica's capacity. Invariants: bit(r) is set in ``_holders[h]`` iff
+    ``h in _blocks[r]``; no zero mask stays in ``_holders``; ``_dups[r]`` keys ⊆ ``_blocks[r]``; an
+    approximate replica's blocks equal ``_approx[r]``'s keys. All methods are thread-safe (one lock: the
+    event subscriber writes from its thread, the router reads on its event loop); every call holds the
+    lock for O(blocks touched + replicas asked about), never O(index).
 
     Args:
         approx_ttl_s: how long a block recorded from a decision is assumed cached.
@@ -38,16 +39,31 @@ class KVBlockIndex:
         self.approx_ttl_s = approx_ttl_s
         self.approx_capacity_blocks = approx_capacity_blocks
         self._lock = threading.Lock()
-        self._holders: dict[BlockHash, set[ReplicaKey]] = {}
-        self._counts: dict[ReplicaKey, dict[BlockHash, int]] = {}
+        self._slot: dict[ReplicaKey, int] = {}
+        self._replica_at: dict[int, ReplicaKey] = {}
+        self._free_positions: list[int] = []
+        self._holders: dict[BlockHash, int] = {}
+        self._blocks: dict[ReplicaKey, set[BlockHash]] = {}
+        self._dups: dict[ReplicaKey, dict[BlockHash, int]] = {}
         self._approx: dict[ReplicaKey, OrderedDict[BlockHash, float]] = {}
         self._capacity: dict[ReplicaKey, int] = {}
 
     # ----- replicas -------------------------------------------------------------------------------
+    def _register_locked(self, replica: ReplicaKey) -> int:
+        bit = self._slot.get(replica)
+        if bit is None:
+            pos = self._free_positions.pop() if self._free_positions else len(self._slot)
+            bit = 1 << pos
+            self._slot[replica] = bit
+            self._replica_at[pos] = replica
+            self._blocks[replica] = set()
+            self._dups[replica] = {}
+        return bit
+
     def add_replica(self, replica: ReplicaKey, exact: bool, capacity_blocks: int | None = None) -> None:
         """Start tracking a replica (idempotent); `exact` says whether KV events feed it."""
         with self._lock:
-            self._counts.setdefault(replica, {})
+            self._register_locked(replica)
             if capacity_blocks:
                 self._capacity[replica] = capacity_blocks
             if exact:
@@ -58,11 +74,11 @@ class KVBlockIndex:
     def set_exact(self, replica: ReplicaKey, exact: bool) -> None:
         """Switch a replica's mode; its blocks are dropped (they came from the other source)."""
         with self._lock:
-            was_exact = replica in self._counts and replica not in self._approx
-            if replica in self._counts and was_exact == exact:
+            known = replica in self._slot
+            if known and (replica not in self._approx) == exact:
                 return
+            self._register_locked(replica)
             self._clear_locked(replica)
-            self._counts[replica] = {}
             if exact:
                 self._approx.pop(replica, None)
             else:
@@ -70,48 +86,59 @@ class KVBlockIndex:
 
     def is_exact(self, replica: ReplicaKey) -> bool:
         with self._lock:
-            return replica in self._counts and replica not in self._approx
+            return replica in self._slot and replica not in self._approx
 
     def remove_replica(self, replica: ReplicaKey) -> None:
         with self._lock:
+            bit = self._slot.get(replica)
+            if bit is None:
+                return
             self._clear_locked(replica)
-            self._counts.pop(replica, None)
+            del self._slot[replica], self._blocks[replica], self._dups[replica]
+            pos = bit.bit_length() - 1
+            del self._replica_at[pos]
+            self._free_positions.append(pos)
             self._approx.pop(replica, None)
             self._capacity.pop(replica, None)
 
     def clear(self, replica: ReplicaKey) -> None:
         """Forget every block of a replica (AllBlocksCleared, engine restart, resync)."""
         with self._lock:
-            self._clear_locked(replica)
-            if replica in self._approx:
-                self._approx[replica] = OrderedDict()
+            if replica in self._slot:
+                self._clear_locked(replica)
 
     def replicas(self) -> list[ReplicaKey]:
         with self._lock:
-            return list(self._counts)
+            return list(self._slot)
 
     # ----- exact feed (KV events) -----------------------------------------------------------------
     def store(self, replica: ReplicaKey, hashes: Iterable[BlockHash]) -> None:
         with self._lock:
-            counts = self._counts.setdefault(replica, {})
+            bit = self._register_locked(replica)
+            blocks, dups, holders = self._blocks[replica], self._dups[replica], self._holders
             for h in hashes:
-                c = counts.get(h, 0)
-                counts[h] = c + 1
-                if c == 0:
-                    self._holders.setdefault(h, set()).add(replica)
+                if h in blocks:
+                    dups[h] = dups.get(h, 0) + 1
+                else:
+                    blocks.add(h)
+                    holders[h] = holders.get(h, 0) | bit
 
     def remove(self, replica: ReplicaKey, hashes: Iterable[BlockHash]) -> None:
         with self._lock:
-            counts = self._counts.get(replica)
-            if counts is None:
+            bit = self._slot.get(replica)
+            if bit is None:
                 return
+            blocks, dups = self._blocks[replica], self._dups[replica]
             for h in hashes:
-                c = counts.get(h, 0)
-                if c > 1:
-                    counts[h] = c - 1
-                elif c == 1:
-                    del counts[h]
-                    self._drop_holder_locked(h, replica)
+                extra = dups.get(h)
+                if extra:
+                    if extra == 1:
+                        del dups[h]
+                    else:
+                        dups[h] = extra - 1
+                elif h in blocks:
+                    blocks.discard(h)
+                    self._drop_holder_locked(h, bit)
 
     # ----- approximate feed (own decisions) -------------------------------------------------------
     def record_decision(self, replica: ReplicaKey, hashes: Sequence[BlockHash], now: float) -> None:
@@ -120,34 +147,35 @@ class KVBlockIndex:
             table = self._approx.get(replica)
             if table is None:
                 return
-            counts = self._counts.setdefault(replica, {})
+            bit = self._slot[replica]
+            blocks, holders = self._blocks[replica], self._holders
             expiry = now + self.approx_ttl_s
             for h in hashes:
                 if h in table:
                     table.move_to_end(h)
                 else:
-                    counts[h] = 1
-                    self._holders.setdefault(h, set()).add(replica)
+                    blocks.add(h)
+                    holders[h] = holders.get(h, 0) | bit
                 table[h] = expiry
             cap = self._capacity.get(replica, self.approx_capacity_blocks)
             while len(table) > cap:
                 h, _ = table.popitem(last=False)
-                del counts[h]
-                self._drop_holder_locked(h, replica)
+                blocks.discard(h)
+                self._drop_holder_locked(h, bit)
 
     def expire(self, now: float) -> int:
         """Drop approximate blocks whose time is up; returns how many were dropped."""
         dropped = 0
         with self._lock:
             for replica, table in self._approx.items():
-                counts = self._counts[replica]
+                bit, blocks = self._slot[replica], self._blocks[replica]
                 while table:
                     h, expiry = next(iter(table.items()))
                     if expiry > now:
                         break
                     table.popitem(last=False)
-                    del counts[h]
-                    self._drop_holder_locked(h, replica)
+                    blocks.discard(h)
+                    self._drop_holder_locked(h, bit)
                     dropped += 1
         return dropped
 
@@ -160,49 +188,61 @@ class KVBlockIndex:
         if not chain or not result:
             return result
         with self._lock:
-            holders = self._holders.get(chain[0])
-            if not holders:
-                return result
-            alive = holders.intersection(result)
+            slot = self._slot
+            asked = 0
+            for r in result:
+                b = slot.get(r)
+                if b is not None:
+                    asked |= b
+            holders = self._holders
+            alive = holders.get(chain[0], 0) & asked
             i = 1
             n = len(chain)
+            at = self._replica_at
             while alive and i < n:
-                nxt = self._holders.get(chain[i])
-                if nxt is None:
-                    break
-                if not alive.issubset(nxt):
-                    for r in alive.difference(nxt):
-                        result[r] = i
-                    alive = alive.intersection(nxt)
+                nxt = holders.get(chain[i], 0)
+                lost = alive & ~nxt
+                if lost:
+                    while lost:
+                        low = lost & -lost
+                        result[at[low.bit_length() - 1]] = i
+                        lost ^= low
+                    alive &= nxt
                 i += 1
-            for r in alive:
-                result[r] = i
+            while alive:
+                low = alive & -alive
+                result[at[low.bit_length() - 1]] = i
+                alive ^= low
         return result
 
     def num_blocks(self, replica: ReplicaKey) -> int:
         with self._lock:
-            return len(self._counts.get(replica, ()))
+            return len(self._blocks.get(replica, ()))
 
     def holds(self, replica: ReplicaKey, h: BlockHash) -> bool:
         with self._lock:
-            return h in self._counts.get(replica, ())
+            return h in self._blocks.get(replica, ())
 
     def total_blocks(self) -> int:
         """Distinct (replica, hash) entries across all replicas."""
         with self._lock:
-            return sum(len(c) for c in self._counts.values())
+            return sum(len(b) for b in self._blocks.values())
 
     # ----- internals ------------------------------------------------------------------------------
-    def _drop_holder_locked(self, h: BlockHash, replica: ReplicaKey) -> None:
-        s = self._holders.get(h)
-        if s is not None:
-            s.discard(replica)
-            if not s:
+    def _drop_holder_locked(self, h: BlockHash, bit: int) -> None:
+        m = self._holders.get(h)
+        if m is not None:
+            m &= ~bit
+            if m:
+                self._holders[h] = m
+            else:
                 del self._holders[h]
 
     def _clear_locked(self, replica: ReplicaKey) -> None:
-        counts = self._counts.get(replica)
-        if counts:
-            for h in counts:
-                self._drop_holder_locked(h, replica)
-            self._counts[replica] = {}
+        bit = self._slot[replica]
+        for h in self._blocks[replica]:
+            self._drop_holder_locked(h, bit)
+        self._blocks[replica] = set()
+        self._dups[replica] = {}
+        if replica in self._approx:
+            self._approx[replica] = OrderedDict()
