@@ -1,0 +1,225 @@
+"""Page metadata and page selection at reference level (no engine): exactness, budgets, needles, errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tinyserve.engine.page_metadata import PageMetadata, PageMetadataStore
+from tinyserve.engine.page_selector import PageSelector
+from tinyserve.engine.settings import SelectionSettings
+from tinyserve.kernels import reference as ref
+
+BS = 32
+HQ, HKV, D = 8, 4, 64
+
+
+def _settings(**kw) -> SelectionSettings:
+    base = dict(enabled=True, budget_tokens=128, min_context_tokens=0, exempt_layers=[], num_sink_pages=1)
+    base.update(kw)
+    return SelectionSettings(**base)
+
+
+def _paged(seq_lens: list[int], num_blocks: int = 256, seed: int = 0, dtype=torch.float32):
+    """Random K/V in a shuffled paged layout, with block tables and page metadata built by `record`."""
+    g = torch.Generator().manual_seed(seed)
+    kc = torch.randn(num_blocks, BS, HKV, D, generator=g).to(dtype)
+    vc = torch.randn(num_blocks, BS, HKV, D, generator=g).to(dtype)
+    perm = torch.randperm(num_blocks, generator=g)
+    max_pages = max((s + BS - 1) // BS for s in seq_lens)
+    bt = torch.full((len(seq_lens), max_pages), -1, dtype=torch.int32)
+    meta = PageMetadata(num_blocks, HKV, D, BS, dtype)
+    nxt = 0
+    for b, s in enumerate(seq_lens):
+        pages = (s + BS - 1) // BS
+        bt[b, :pages] = perm[nxt: nxt + pages].int()
+        nxt += pages
+        slots = (bt[b, :pages].long().view(-1, 1) * BS + torch.arange(BS)).flatten()[:s]
+        meta.record(kc.view(-1, HKV, D)[slots], slots)
+    return kc, vc, bt, torch.tensor(seq_lens, dtype=torch.int32), meta
+
+
+def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).norm() / b.double().norm())
+
+
+# -- page metadata ------------------------------------------------------------------------------------------
+def test_metadata_exact_through_prefill_chunks_decode_and_reallocation():
+    torch.manual_seed(1)
+    nb = 16
+    meta = PageMetadata(nb, HKV, D, BS, torch.bfloat16)
+    truth: dict[int, list[torch.Tensor]] = {}
+
+    def write(block_offsets: list[tuple[int, int]]):
+        slots = torch.tensor([b * BS + o for b, o in block_offsets] + [-1, -1])    # padding slots
+        keys = torch.randn(len(block_offsets) + 3, HKV, D).to(torch.bfloat16)    # + a padded extra row
+        meta.record(keys, slots)
+        for i, (b, o) in enumerate(block_offsets):
+            if o == 0:
+                truth[b] = []
+            truth[b].append(keys[i])
+
+    write([(3, o) for o in range(BS)] + [(7, o) for o in range(10)])           # prefill: full + partial
+    write([(7, o) for o in range(10, 20)])                                      # chunked prefill continues
+    for o in range(20, 25):
+        write([(7, o)])                                                         # decode, token by token
+    write([(3, o) for o in range(5)])                                           # block 3 freed, reallocated
+    for b, keys in truth.items():
+        k = torch.stack(keys)
+        assert torch.equal(meta.key_min[b], k.amin(0)), b
+        assert torch.equal(meta.key_max[b], k.amax(0)), b
+
+
+def test_metadata_follows_block_moves_like_the_kv_cache():
+    kc, vc, bt, lens, meta = _paged([200, 70], num_blocks=32)
+    store = PageMetadataStore()
+    store._layers["layer.0"] = meta
+    before_min, before_max = meta.key_min.clone(), meta.key_max.clone()
+    moves = [(int(bt[0, 0]), 30), (int(bt[0, 1]), 31)]
+    assert store.copy_blocks(moves) == 2
+    for s, d in moves:
+        assert torch.equal(meta.key_min[d], before_min[s]) and torch.equal(meta.key_max[d], before_max[s])
+        # and it is the metadata of the moved keys
+        ref.copy_blocks([kc], torch.tensor([s]), torch.tensor([d]))
+        assert torch.equal(meta.key_max[d], kc[d].amax(0))
+
+
+def test_vllm_block_copy_moves_page_metadata_too():
+    """The worker's KV block copy (copy-on-write, compaction) moves the page metadata of every layer."""
+    import vllm.v1.worker.gpu_model_runner as runner
+    from tinyserve.engine.page_metadata import page_metadata_store
+    from tinyserve.engine.selection_backend import _install_copy_hook
+
+    _install_copy_hook()
+    nb = 8
+    kv = torch.randn(nb, HKV, BS, 2 * D)                                        # vLLM CPU cache shape
+    store = page_metadata_store()
+    meta = store.get_or_create("test.copy.layer", nb, HKV, D, BS, torch.float32, "cpu")
+    meta.key_min.copy_(torch.randn(nb, HKV, D))
+    meta.key_max.copy_(meta.key_min + 1)
+    src_kv, src_min = kv[2].clone(), meta.key_min[2].clone()
+    runner.copy_kv_cache_blocks_inplace([kv], nb, [(2, 6)])
+    assert torch.equal(kv[6], src_kv)
+    assert torch.equal(meta.key_min[6], src_min) and torch.equal(meta.key_max[6], src_min + 1)
+    store._layers.pop("test.copy.layer")
+
+
+# -- selection ----------------------------------------------------------------------------------------------
+def test_budget_pages_tokens_and_fraction():
+    sel = PageSelector(_settings(budget_tokens=100), BS)
+    assert sel.budget_pages(torch.tensor([50, 1000])).tolist() == [4, 4]            # ceil(100/32)
+    sel = PageSelector(_settings(budget_tokens=None, budget_fraction=0.25, num_sink_pages=2), BS)
+    assert sel.budget_pages(torch.tensor([64, 1024, 1000])).tolist() == [3, 8, 8]    # >= sinks + 1
+    assert sel.eligible(torch.tensor([1, 5, 1]), torch.tensor([10, 500, 500])).tolist() == [True, False, True]
+    sel = PageSelector(_settings(min_context_tokens=100), BS)
+    assert sel.eligible(torch.tensor([1, 1]), torch.tensor([99, 100])).tolist() == [False, True]
+
+
+@pytest.mark.parametrize("fraction", [None, 0.3])
+def test_selection_keeps_sinks_and_last_page_and_fits_budget(fraction):
+    lens = [33, 300, 777, 1500]
+    kc, vc, bt, sl, meta = _paged(lens)
+    settings = _settings(budget_tokens=None if fraction else 160, budget_fraction=fraction, num_sink_pages=2)
+    sel = PageSelector(settings, BS)
+    q = torch.randn(len(lens), HQ, D)
+    bp = sel.budget_pages(sl)
+    selected, nsel = sel.select(q, meta.key_min, meta.key_max, bt, sl, bp)
+    npages = sel.num_pages(sl)
+    for b in range(len(lens)):
+        pages = selected[b, : nsel[b]].tolist()
+        assert nsel[b] == min(int(npages[b]), int(bp[b]))
+        assert pages == sorted(set(pages)) and all(p >= 0 for p in pages)
+        assert pages[-1] == npages[b] - 1                                          # page being written, last
+        assert pages[: min(2, len(pages))] == list(range(min(2, len(pages))))      # sinks
+        assert all(p == -1 for p in selected[b, nsel[b]:].tolist())
+
+
+def test_rewritten_block_table_gives_the_selected_attention_and_dense_at_full_budget():
+    lens = [40, 333, 1000]
+    kc, vc, bt, sl, meta = _paged(lens, seed=3)
+    q = torch.randn(len(lens), HQ, D)
+    scale = D ** -0.5
+    dense = ref.paged_decode_attention(q, kc, vc, bt, sl, scale)
+    for budget in (64, 256, 4096):
+        sel = PageSelector(_settings(budget_tokens=budget), BS)
+        selected, nsel = sel.select(q, meta.key_min, meta.key_max, bt, sl, sel.budget_pages(sl))
+        new_bt, new_sl = bt.clone(), sl.clone()
+        sel.rewrite(bt, sl, selected, nsel, new_bt, new_sl)
+        # what the stock kernel computes from the rewritten row == attention over the selected pages
+        via_table = ref.paged_decode_attention(q, kc, vc, new_bt, new_sl, scale)
+        shared = selected.unsqueeze(1).expand(-1, HKV, -1)
+        sparse = ref.sparse_paged_decode_attention(q, kc, vc, bt, sl, shared, scale)
+        torch.testing.assert_close(via_table, sparse, rtol=1e-5, atol=1e-6)
+        if budget >= max(lens):
+            assert torch.equal(new_bt[:, : bt.shape[1]], bt) and torch.equal(new_sl, sl)
+            torch.testing.assert_close(via_table, dense, rtol=0, atol=0)
+        else:
+            assert int(new_sl.max()) < int(sl.max())
+
+
+def test_counters_define_bytes_read_and_not_read():
+    lens = [1000, 100]
+    kc, vc, bt, sl, meta = _paged(lens)
+    sel = PageSelector(_settings(budget_tokens=128), BS)
+    q = torch.randn(2, HQ, D)
+    selected, nsel = sel.select(q, meta.key_min, meta.key_max, bt, sl, sel.budget_pages(sl))
+    new_bt, new_sl = bt.clone(), sl.clone()
+    sel.rewrite(bt, sl, selected, nsel, new_bt, new_sl)
+    per_tok = PageSelector.kv_bytes_per_token(HKV, D, torch.bfloat16)
+    assert per_tok == 2 * HKV * D * 2
+    sel.count(sl, new_sl, nsel, per_tok)
+    c = sel.counters.as_dict()
+    assert c["decode_steps_total"] == 2
+    assert c["pages_scored_total"] == 32 + 4 and c["pages_selected_total"] == 4 + 4
+    assert c["kv_bytes_read_total"] == int(new_sl.sum()) * per_tok
+    assert c["kv_bytes_read_total"] + c["kv_bytes_not_read_total"] == sum(lens) * per_tok
+    assert c["pages_selected_total"] < c["pages_scored_total"]
+
+
+# -- accuracy vs budget (reference level) --------------------------------------------------------------------
+FRACTIONS = [1 / 32, 1 / 8, 1 / 2, 1.0]
+
+
+def _errors_vs_budget(ctx: int, needle: bool, seeds: range) -> tuple[list[float], list[float]]:
+    errs = {f: [] for f in FRACTIONS}
+    recall = {f: [] for f in FRACTIONS}
+    for seed in seeds:
+        kc, vc, bt, sl, meta = _paged([ctx], num_blocks=(ctx + BS - 1) // BS + 4, seed=seed)
+        g = torch.Generator().manual_seed(1000 + seed)
+        q = torch.randn(1, HQ, D, generator=g)
+        npages = (ctx + BS - 1) // BS
+        if needle:                                   # one key per KV head made to dominate its queries
+            page = int(torch.randint(1, npages - 1, (1,), generator=g))
+            off = int(torch.randint(0, BS, (1,), generator=g))
+            blk = int(bt[0, page])
+            for h in range(HKV):
+                kc[blk, off, h] = 4.0 * q[0, h * (HQ // HKV):(h + 1) * (HQ // HKV)].sum(0)
+            slots = torch.tensor([blk * BS + off])
+            meta.record(kc.view(-1, HKV, D)[slots], slots)
+        dense = ref.paged_decode_attention(q, kc, vc, bt, sl, D ** -0.5)
+        for f in FRACTIONS:
+            sel = PageSelector(_settings(budget_tokens=None, budget_fraction=f), BS)
+            selected, nsel = sel.select(q, meta.key_min, meta.key_max, bt, sl, sel.budget_pages(sl))
+            shared = selected.unsqueeze(1).expand(-1, HKV, -1)
+            out = ref.sparse_paged_decode_attention(q, kc, vc, bt, sl, shared, D ** -0.5)
+            errs[f].append(_rel_err(out, dense))
+            if needle:
+                recall[f].append(float(page in selected[0].tolist()))
+    mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+    return [mean(errs[f]) for f in FRACTIONS], [mean(recall[f]) if recall[f] else 0.0 for f in FRACTIONS]
+
+
+def test_error_falls_with_budget_and_is_zero_at_full_budget_on_random_keys():
+    errs, _ = _errors_vs_budget(2048, needle=False, seeds=range(3))
+    assert errs[-1] < 1e-6
+    assert errs[0] > errs[1] > errs[2] > errs[-1]
+    assert errs[0] > 0.05                             # selection really drops attention mass at 1/32
+
+
+def test_planted_needle_always_selected_and_small_error():
+    # 4096 tokens: even 1/32 of it (4 pages) leaves room for the needle's page beside the sink and last page
+    errs, recall = _errors_vs_budget(4096, needle=True, seeds=range(3))
+    rand_errs, _ = _errors_vs_budget(4096, needle=False, seeds=range(3))
+    assert recall == [1.0] * len(FRACTIONS)
+    assert errs[-1] < 1e-6
+    assert errs[0] < rand_errs[0]                     # the needle carries the attention the budget keeps
