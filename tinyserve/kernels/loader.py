@@ -51,12 +51,8 @@ def kernel(source: str, name: str, device: int = 0) -> Any:
     if cp is None:
         raise RuntimeError("CUDA kernels need CuPy and a CUDA device")
     with cp.cuda.Device(device):
-        is_template = "<" in name
-        mod = cp.RawModule(
-            code=_source(source),
-            options=(_arch(device), "-std=c++17"),
-            name_expressions=(name,) if is_template else None,
-        )
+        mod = cp.RawModule(code=_source(source), options=(_arch(device), "-std=c++17"),
+                           name_expressions=(name,))
         return mod.get_function(name)
 
 

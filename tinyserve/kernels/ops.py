@@ -30,6 +30,7 @@ __all__ = [
     "copy_blocks",
     "free_runs",
     "free_run_stats",
+    "free_run_stats_device",
     "cuda_enabled",
     "plan_splits",
 ]
@@ -37,7 +38,8 @@ __all__ = [
 _TYPES = {torch.bfloat16: "bf16_t", torch.float16: "f16_t"}
 _LOG2E = 1.4426950408889634
 _MAX_PAGES_PER_SPLIT = 2048
-_MIN_TOKENS_PER_SPLIT = 256
+_MIN_TOKENS_PER_SPLIT = 64
+_TOKENS_PER_SPLIT = 1024
 
 
 def cuda_enabled(*tensors: Tensor) -> bool:
@@ -63,13 +65,14 @@ def _attn_ok(query: Tensor, key_cache: Tensor) -> bool:
 
 
 def plan_splits(batch: int, num_kv_heads: int, max_list_pages: int, block_size: int) -> tuple[int, int]:
-    """(num_splits, pages_per_split) for split-K: about four CTAs per multiprocessor, at least 256 tokens
-    and at most 2048 pages per split."""
-    target = 4 * loader.num_sms(torch.cuda.current_device())
-    splits = max(1, math.ceil(target / max(1, batch * num_kv_heads)))
-    pps = max(math.ceil(max_list_pages / splits), math.ceil(_MIN_TOKENS_PER_SPLIT / block_size), 1)
-    pps = min(pps, _MAX_PAGES_PER_SPLIT)
-    return max(1, math.ceil(max_list_pages / pps)), pps
+    """(num_splits, pages_per_split) for split-K: about 1024 tokens a split, more splits when that gives
+    under two waves of CTAs (3 resident per multiprocessor), never under 64 tokens or over 2048 pages."""
+    tokens = max_list_pages * block_size
+    waves = math.ceil(2 * 3 * loader.num_sms(torch.cuda.current_device()) / max(1, batch * num_kv_heads))
+    splits = max(math.ceil(tokens / _TOKENS_PER_SPLIT), waves)
+    splits = max(1, min(splits, math.ceil(tokens / _MIN_TOKENS_PER_SPLIT)))
+    pps = min(math.ceil(max_list_pages / splits), _MAX_PAGES_PER_SPLIT)
+    return math.ceil(max_list_pages / pps), pps
 
 
 def _attention(query: Tensor, key_cache: Tensor, value_cache: Tensor, block_tables: Tensor,
@@ -199,7 +202,7 @@ def update_page_metadata(key_min: Tensor, key_max: Tensor, key: Tensor, slot_map
     reset = loader.kernel("page_metadata.cu", f"page_metadata_reset<{tn}>")
     loader.launch(reset, (t,), (256,), (_p(slots), _i(t), _i(block_size), _i(words), _p(key_min), _p(key_max)))
     merge = loader.kernel("page_metadata.cu", f"page_metadata_merge<{tn}>")
-    grid = min(math.ceil(t * words / 256), 8 * loader.num_sms(torch.cuda.current_device()))
+    grid = min(math.ceil(math.ceil(t / 16) * words / 256), 8 * loader.num_sms(torch.cuda.current_device()))
     loader.launch(merge, (grid,), (256,), (_p(k), _p(slots), _i(t), _i(block_size), _i(words),
                                            _p(key_min), _p(key_max)))
     return None
@@ -221,22 +224,26 @@ def copy_blocks(caches: list[Tensor], src: Tensor, dst: Tensor) -> None:
     return None
 
 
-def free_run_stats(used: Tensor) -> dict[str, int]:
-    """{"num_free", "num_runs", "largest_run"} of a block-state bitmap (True = used)."""
+def free_run_stats_device(used: Tensor) -> Tensor:
+    """int64 [3] on the device: (num_free, num_runs, largest_run) of a CUDA bitmap, without a sync."""
     n = used.numel()
-    if not cuda_enabled(used) or n == 0:
-        return reference.free_run_stats(used)
     u = used.reshape(-1).contiguous()
     u = u.view(torch.uint8) if u.dtype == torch.bool else (u != 0).view(torch.uint8)
-    per_cta = 256 * 16
-    nparts = math.ceil(n / per_cta)
+    nparts = max(1, math.ceil(n / (256 * 16)))
     partial = torch.empty(nparts * 6, dtype=torch.int64, device=used.device)
     result = torch.empty(3, dtype=torch.int64, device=used.device)
     loader.launch(loader.kernel("free_runs.cu", "free_runs_partial"), (nparts,), (256,),
                   (_p(u), np.int64(n), _p(partial)))
     loader.launch(loader.kernel("free_runs.cu", "free_runs_finish"), (1,), (256,),
                   (_p(partial), _i(nparts), _p(result)))
-    nf, nr, lr = result.tolist()
+    return result
+
+
+def free_run_stats(used: Tensor) -> dict[str, int]:
+    """{"num_free", "num_runs", "largest_run"} of a block-state bitmap (True = used)."""
+    if not cuda_enabled(used) or used.numel() == 0:
+        return reference.free_run_stats(used)
+    nf, nr, lr = free_run_stats_device(used).tolist()
     return {"num_free": nf, "num_runs": nr, "largest_run": lr}
 
 

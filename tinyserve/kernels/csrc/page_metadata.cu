@@ -2,7 +2,8 @@
 //
 // Two launches per write: page_metadata_reset sets the metadata of every block that receives a token at
 // offset 0 to (+inf, -inf); page_metadata_merge then folds every written key into its block's min/max
-// with 32-bit compare-and-swap on pairs of 16-bit channels, so tokens of one block written in the same
+// with 32-bit compare-and-swap on pairs of 16-bit channels (after a register pre-reduction over
+// runs of consecutive tokens of one block), so tokens of one block written in the same
 // call (prefill) merge exactly in any order. Negative slots are padding.
 
 template <typename T>
@@ -37,21 +38,52 @@ __device__ __forceinline__ void cas_pair(u32 *addr, u32 val) {
   }
 }
 
+template <typename T, bool IS_MAX>
+__device__ __forceinline__ u32 pair_pick(u32 a, u32 b) {   // elementwise min/max of two 16-bit pairs
+  const float alo = Elt<T>::one((u16)(a & 0xffffu)), ahi = Elt<T>::one((u16)(a >> 16));
+  const float blo = Elt<T>::one((u16)(b & 0xffffu)), bhi = Elt<T>::one((u16)(b >> 16));
+  const bool lo = IS_MAX ? (blo > alo) : (blo < alo);
+  const bool hi = IS_MAX ? (bhi > ahi) : (bhi < ahi);
+  return (lo ? (b & 0xffffu) : (a & 0xffffu)) | (hi ? (b & 0xffff0000u) : (a & 0xffff0000u));
+}
+
+#define MERGE_CHUNK 16
+
 template <typename T>
 __global__ void page_metadata_merge(const u32 *__restrict__ key, const long long *__restrict__ slots,
                                     int ntok, int bs, int words, u32 *__restrict__ kmin, u32 *__restrict__ kmax)
 {
-  // grid-stride over ntok * words (words = Hkv*D/2 per token); key [T, Hkv, D] contiguous
-  const long long total = (long long)ntok * words;
+  // grid-stride over (chunk of MERGE_CHUNK consecutive tokens) x words; a thread reduces its chunk in
+  // registers while the block id stays the same (prefill writes a block's tokens consecutively) and
+  // flushes each block's partial min/max with compare-and-swap. key [T, Hkv, D] contiguous.
+  const int nchunks = (ntok + MERGE_CHUNK - 1) / MERGE_CHUNK;
+  const long long total = (long long)nchunks * words;
   for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < total;
        i += (long long)gridDim.x * blockDim.x) {
-    const long long t = i / words;
-    const int w = (int)(i - t * words);
-    const long long s = slots[t];
-    if (s < 0) continue;
-    const long long blk = s / bs;
-    const u32 v = key[i];
-    cas_pair<T, false>(kmin + blk * words + w, v);
-    cas_pair<T, true>(kmax + blk * words + w, v);
+    const int c = (int)(i / words);
+    const int w = (int)(i - (long long)c * words);
+    const int t1 = min(ntok, (c + 1) * MERGE_CHUNK);
+    long long cur = -1;
+    u32 mn = 0, mx = 0;
+    for (int t = c * MERGE_CHUNK; t < t1; ++t) {
+      const long long s = slots[t];
+      if (s < 0) continue;
+      const long long blk = s / bs;
+      const u32 v = key[(size_t)t * words + w];
+      if (blk != cur) {
+        if (cur >= 0) {
+          cas_pair<T, false>(kmin + cur * words + w, mn);
+          cas_pair<T, true>(kmax + cur * words + w, mx);
+        }
+        cur = blk; mn = v; mx = v;
+      } else {
+        mn = pair_pick<T, false>(mn, v);
+        mx = pair_pick<T, true>(mx, v);
+      }
+    }
+    if (cur >= 0) {
+      cas_pair<T, false>(kmin + cur * words + w, mn);
+      cas_pair<T, true>(kmax + cur * words + w, mx);
+    }
   }
 }

@@ -83,12 +83,15 @@ __global__ void __launch_bounds__(128) paged_decode_attention(
   }
   const size_t row_stride = (size_t)hkv * D;   // elements between consecutive tokens of a block
 
-  for (int base = grp; base < ntok; base += NG * UNROLL) {
+  // Warp-uniform trip count (the shuffles below need every lane of the warp): the warp's first group
+  // decides, and lanes of groups past the end run with ok = false.
+  const int sub = lane / LANES;
+  for (int wbase = warp * GPW; wbase < ntok; wbase += NG * UNROLL) {
     uint4 kraw[UNROLL], vraw[UNROLL];
     bool ok[UNROLL];
 #pragma unroll
     for (int u = 0; u < UNROLL; ++u) {
-      int t = base + u * NG;
+      int t = wbase + sub + u * NG;
       ok[u] = t < ntok;
       if (ok[u]) {
         size_t off = ((size_t)s_phys[t >> bs_shift] * bs + (t & (bs - 1))) * row_stride + (size_t)h * D + li * 8;
