@@ -6,6 +6,7 @@ class reports the signals with `record_autoscaling_stats` (see replica_signals.p
 """
 
 from tinyserve.autoscaling.kv_pressure_policy import KVPressurePolicy, kv_pressure_policy
+from tinyserve.autoscaling.replica_hook import KVPressureSignals
 from tinyserve.autoscaling.replica_signals import (
     KV_USAGE,
     NUM_RUNNING,
@@ -17,6 +18,7 @@ from tinyserve.autoscaling.replica_signals import (
 __all__ = [
     "KVPressurePolicy",
     "kv_pressure_policy",
+    "KVPressureSignals",
     "autoscaling_stats",
     "KV_USAGE",
     "NUM_WAITING",
