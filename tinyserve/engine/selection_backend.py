@@ -179,7 +179,7 @@ class QueryAwareCPUAttentionImpl(CPUAttentionBackendImpl):
     layer, `forward` is exactly the stock forward.
     """
 
-    _exempt: bool | None = None
+    _layer_index: int | None = None
 
     def do_kv_cache_update(self, layer, key, value, kv_cache, slot_mapping) -> None:
         super().do_kv_cache_update(layer, key, value, kv_cache, slot_mapping)
@@ -191,15 +191,14 @@ class QueryAwareCPUAttentionImpl(CPUAttentionBackendImpl):
         meta.record(key, slot_mapping)
 
     def _is_exempt(self, layer) -> bool:
-        if self._exempt is None:
+        if self._layer_index is None:
             from vllm.model_executor.models.utils import extract_layer_index
 
             try:
-                index = extract_layer_index(layer.layer_name)
+                self._layer_index = extract_layer_index(layer.layer_name)
             except (AssertionError, ValueError):
-                index = -1
-            self._exempt = index in set(_STATE.settings.exempt_layers)
-        return self._exempt
+                self._layer_index = -1
+        return self._layer_index in _STATE.settings.exempt_layers
 
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output,
                 output_scale=None, output_block_scale=None):
