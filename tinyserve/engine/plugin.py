@@ -7,11 +7,13 @@ once per process; with `EngineSettings.enabled` false nothing is touched and vLL
 
 from __future__ import annotations
 
+import importlib
 import os
+from types import ModuleType
 
 from tinyserve.engine.settings import EngineSettings
 
-__all__ = ["register", "installed_features"]
+__all__ = ["register", "installed_features", "selection_backend_module"]
 
 _installed: list[str] = []
 
@@ -19,6 +21,15 @@ _installed: list[str] = []
 def installed_features() -> list[str]:
     """Features the plugin installed in this process, in install order (empty when off)."""
     return list(_installed)
+
+
+def selection_backend_module() -> ModuleType:
+    """The query-aware attention backend for this platform: TinyServe's CUDA kernels on CUDA, else CPU."""
+    from vllm.platforms import current_platform
+
+    if current_platform.is_cuda():
+        return importlib.import_module("tinyserve.engine.cuda_selection_backend")
+    return importlib.import_module("tinyserve.engine.selection_backend")
 
 
 def register() -> None:
@@ -37,8 +48,6 @@ def register() -> None:
         install_block_pool(settings.allocator)
         _installed.append("allocator")
     if settings.selection.enabled:
-        from tinyserve.engine.selection_backend import install_selection
-
-        install_selection(settings.selection)
+        selection_backend_module().install_selection(settings.selection)
         _installed.append("selection")
     os.environ.setdefault("TINYSERVE_PLUGIN_PID", str(os.getpid()))

@@ -6,7 +6,8 @@ and gets a plain dict (msgspec-serialisable) back. Sections:
 
 - "plugin": {"pid", "features"}: proof the plugin runs inside this engine core;
 - "kv": block-pool numbers (from the pool's `stats()` when it is TinyServe's, else the stock counts);
-- "selection": query-aware selection counters gathered from the workers (empty when selection is off).
+- "selection": query-aware selection counters gathered from the workers (empty when selection is off);
+- "scheduler": {"num_running", "num_waiting"} requests in this engine core.
 """
 
 from __future__ import annotations
@@ -40,13 +41,15 @@ def collect_engine_stats(engine_core: Any) -> dict[str, Any]:
         }
     selection: dict[str, Any] = {}
     if "selection" in installed_features():
-        from tinyserve.engine.selection_backend import gather_selection_stats
+        from tinyserve.engine.plugin import selection_backend_module
 
-        selection = gather_selection_stats(engine_core)
+        selection = selection_backend_module().gather_selection_stats(engine_core)
+    scheduler = engine_core.scheduler
     return {
         "plugin": {"pid": os.getpid(), "features": installed_features()},
         "kv": kv,
         "selection": selection,
+        "scheduler": {"num_running": len(scheduler.running), "num_waiting": len(scheduler.waiting)},
     }
 
 
