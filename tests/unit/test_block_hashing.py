@@ -126,7 +126,7 @@ def test_hashes_equal_the_engine_events_and_tokenization_equals_the_engine(engin
     index = KVBlockIndex()
     sub = KVEventSubscriber(index)
     try:
-        sub.add("r0", f"tcp://127.0.0.1:{port}", f"tcp://127.0.0.1:{port + 1}")
+        sub.add("r0", f"tcp://*:{port}", f"tcp://*:{port + 1}")
         hasher = BlockHasher(BLOCK)
         early_chain = hasher.chain(early)
         assert len(early_chain) == 3

@@ -59,7 +59,8 @@ def _lose_on_wire(pub, batch):
 @pytest.fixture
 def endpoints():
     port = _ports()
-    return port, f"tcp://127.0.0.1:{port}", f"tcp://127.0.0.1:{port + 1}"
+    # What a replica reports: the endpoints its engine was configured with (the PUB binds the wildcard).
+    return port, f"tcp://*:{port}", f"tcp://*:{port + 1}"
 
 
 @pytest.fixture
@@ -163,5 +164,23 @@ def test_new_engine_pid_in_routing_stats_resyncs_and_remove_drops(endpoints, sub
         assert _wait(lambda: sub.index.holds("r", 1))  # rebuilt from the (same) publisher's buffer
         sub.remove("r")
         assert _wait(lambda: "r" not in sub.index.replicas())
+    finally:
+        pub.shutdown()
+
+
+def test_engine_that_connects_its_pub_is_served_by_a_bound_subscriber(sub):
+    """`tcp://127.0.0.1:port` makes vLLM's PUB connect: the subscriber binds it, and restarts still resync."""
+    port = _ports()
+    ep, rep = f"tcp://127.0.0.1:{port}", f"tcp://127.0.0.1:{port + 1}"
+    pub = ZmqEventPublisher(0, endpoint=ep, replay_endpoint=rep)
+    try:
+        pub.publish(_batch(_stored([1, 2])))  # before the subscriber exists: dropped on the wire, replayed
+        _drain(pub)
+        sub.add("r", ep, rep)
+        assert _wait(lambda: sub.index.holds("r", 2))
+        time.sleep(0.5)  # the PUB reconnects to the bound SUB
+        pub.publish(_batch(_stored([3], parent=2)))
+        assert _wait(lambda: sub.index.holds("r", 3))
+        assert sub.index.is_exact("r")
     finally:
         pub.shutdown()

@@ -2,7 +2,9 @@
 
 vLLM's `ZmqEventPublisher` sends multipart messages ``(topic, seq: 8-byte big-endian, msgpack KVEventBatch)``
 on a PUB socket, numbering batches 0, 1, 2, … from engine start, and keeps the last ``buffer_steps`` batches
-for replay on a ROUTER socket: send ``(b"", start_seq)`` and it answers each buffered batch with
+for replay on a ROUTER socket (always bound). The PUB socket binds a wildcard endpoint (``tcp://*:port``;
+the subscriber connects) and connects to a concrete one (``tcp://127.0.0.1:port``; the subscriber binds
+it, so it must run on that host). For replay, send ``(b"", start_seq)`` and it answers each buffered batch with
 ``seq >= start_seq`` as ``(b"", topic, seq, payload)``, then ``(b"", b"", -1, b"")``.
 
 Per replica this subscriber keeps the next expected sequence number and resynchronises when the stream
@@ -29,9 +31,19 @@ import zmq
 
 from tinyserve.cache_router.kv_block_index import KVBlockIndex
 
-__all__ = ["StreamState", "KVEventSubscriber"]
+__all__ = ["StreamState", "KVEventSubscriber", "publisher_binds", "dialable"]
 
 _END_SEQ = -1
+
+
+def publisher_binds(endpoint: str) -> bool:
+    """vLLM's rule: its PUB socket binds a wildcard, ipc or inproc endpoint and connects to any other."""
+    return "*" in endpoint or "::" in endpoint or endpoint.startswith(("ipc://", "inproc://"))
+
+
+def dialable(endpoint: str, host: str = "127.0.0.1") -> str:
+    """A bound wildcard endpoint as an address to connect to (`tcp://*:5557` → `tcp://127.0.0.1:5557`)."""
+    return endpoint.replace("*", host)
 
 
 @dataclass
@@ -182,8 +194,18 @@ class KVEventSubscriber:
         sub = self._ctx.socket(zmq.SUB)
         sub.setsockopt(zmq.SUBSCRIBE, b"")
         sub.setsockopt(zmq.RCVHWM, 100_000)
-        sub.connect(endpoint)
-        stream = StreamState(replica, endpoint, replay_endpoint, pid, restarts=restarts, sub=sub)
+        sub.setsockopt(zmq.LINGER, 0)
+        try:
+            if publisher_binds(endpoint):
+                sub.connect(dialable(endpoint))
+            else:  # the engine's PUB connects to this address: the subscriber is the stable (bound) end
+                sub.bind(endpoint)
+        except zmq.ZMQError:
+            sub.close(linger=0)
+            self.index.set_exact(replica, False)  # no stream: learn from decisions instead
+            return
+        stream = StreamState(replica, endpoint, dialable(replay_endpoint) if replay_endpoint else None, pid,
+                             restarts=restarts, sub=sub)
         self._streams[replica] = stream
         socket_owner[sub] = replica
         poller.register(sub, zmq.POLLIN)

@@ -68,9 +68,9 @@ class QueryAwareRouter(RequestRouter):
         hash_algo: str | None = None,
         block_size: int | None = None,
         cost_weights: dict[str, float] | None = None,
-        balance_factor: float = 1.2,
-        inflight_slack: float = 1.0,
-        share_slack: float = 1.0,
+        balance_factor: float = 1.3,
+        inflight_slack: float = 3.0,
+        share_slack: float = 4.0,
         approx_ttl_s: float = 120.0,
         unhealthy_stats_age_s: float = 30.0,
     ) -> None:

@@ -64,9 +64,9 @@ class RoutingPolicy:
         index: KVBlockIndex,
         cost: CostModel,
         block_size: int,
-        balance_factor: float = 1.2,
-        inflight_slack: float = 1.0,
-        share_slack: float = 1.0,
+        balance_factor: float = 1.3,
+        inflight_slack: float = 3.0,
+        share_slack: float = 4.0,
         share_half_life: int = 64,
         session_capacity: int = 100_000,
     ) -> None:
