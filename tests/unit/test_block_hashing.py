@@ -124,7 +124,15 @@ def test_hashes_equal_the_engine_events_and_tokenization_equals_the_engine(engin
     llm.generate([{"prompt_token_ids": early}], sp, use_tqdm=False)
 
     index = KVBlockIndex()
-    sub = KVEventSubscriber(index)
+    wrong_seed = BlockHasher(BLOCK, seed="not-the-engine-seed")
+    checks: list[tuple[bool, bool]] = []
+
+    def root_check(tokens, h, keys):
+        checks.append((BlockHasher(BLOCK).first_block_matches(tokens, h, keys),
+                       wrong_seed.first_block_matches(tokens, h, keys)))
+        return checks[-1][0]
+
+    sub = KVEventSubscriber(index, root_check=root_check)
     try:
         sub.add("r0", f"tcp://*:{port}", f"tcp://*:{port + 1}")
         hasher = BlockHasher(BLOCK)
@@ -151,6 +159,11 @@ def test_hashes_equal_the_engine_events_and_tokenization_equals_the_engine(engin
         assert mine == list(out.prompt_token_ids)
         chat_chain = hasher.chain(mine)
         assert chat_chain and _wait(lambda: index.longest_prefix(chat_chain, ["r0"])["r0"] == len(chat_chain))
+
+        # Every root block the engine published hashes the same here (salted ones included), and a router
+        # with another seed would have been told so.
+        assert len(checks) >= 4 and all(ok for ok, _ in checks) and not any(bad for _, bad in checks)
+        assert sub.hash_agreement("r0") == (len(checks), 0)
 
         # Blocks the engine never cached are not in the index.
         assert index.longest_prefix(hasher.chain([3] * (2 * BLOCK)), ["r0"]) == {"r0": 0}

@@ -142,3 +142,12 @@ class BlockHasher:
         if self.int_hashes:
             return [int.from_bytes(d, "big") & _MASK64 for d in self.digests(token_ids, lora_name, cache_salt, max_blocks)]
         return list(self.digests(token_ids, lora_name, cache_salt, max_blocks))
+
+    def first_block_matches(self, token_ids: Sequence[int], event_hash: int | bytes,
+                            extra_keys: tuple | None = None) -> bool:
+        """Whether a published root block (``parent_block_hash is None``) hashes here to the engine's value:
+        the check that this hasher's seed, algorithm and block size are the engine's."""
+        if len(token_ids) < self.block_size:
+            return True  # a partial block: nothing to compare
+        digest = self._hash((self._root, tuple(token_ids[: self.block_size]), extra_keys))
+        return external_block_hash(digest, self.int_hashes) == event_hash

@@ -60,6 +60,8 @@ class StreamState:
     gaps: int = 0
     resyncs: int = 0
     restarts: int = 0
+    hash_checks: int = 0
+    hash_mismatches: int = 0
     last_event_lag_s: float = 0.0
     last_batch_at: float = 0.0
     sub: Any = field(default=None, repr=False)
@@ -76,6 +78,8 @@ class KVEventSubscriber:
         index: the index to feed (its replicas are registered exact by `add`).
         on_batch: optional callback ``(replica, lag_s)`` after each applied batch (metrics).
         replay_timeout_s: how long to wait for a replay answer before declaring the replay failed.
+        root_check: optional ``(token_ids, block_hash, extra_keys) -> bool`` run on root blocks (no parent)
+            to prove the router hashes as the engine does; results counted in `StreamState.hash_*`.
     """
 
     def __init__(
@@ -83,8 +87,10 @@ class KVEventSubscriber:
         index: KVBlockIndex,
         on_batch: Callable[[Hashable, float], None] | None = None,
         replay_timeout_s: float = 2.0,
+        root_check: Callable[[list, Any, Any], bool] | None = None,
     ) -> None:
         self.index = index
+        self._root_check = root_check
         self._on_batch = on_batch
         self._replay_timeout_ms = int(replay_timeout_s * 1000)
         self._ctx = zmq.Context()
@@ -125,6 +131,11 @@ class KVEventSubscriber:
         """Lag of the latest applied batch (engine timestamp to applied), None if none yet."""
         s = self._streams.get(replica)
         return s.last_event_lag_s if s is not None and s.batches else None
+
+    def hash_agreement(self, replica: Hashable) -> tuple[int, int]:
+        """(root blocks checked, mismatches) for a replica's stream."""
+        s = self._streams.get(replica)
+        return (s.hash_checks, s.hash_mismatches) if s is not None else (0, 0)
 
     def resyncs(self, replica: Hashable) -> int | None:
         s = self._streams.get(replica)
@@ -287,6 +298,12 @@ class KVEventSubscriber:
             if isinstance(ev, self._stored):
                 if ev.group_idx in (None, 0) and ev.medium in (None, "GPU"):
                     self.index.store(replica, ev.block_hashes)
+                    if self._root_check is not None and ev.parent_block_hash is None and ev.block_hashes:
+                        keys = ev.extra_keys[0] if ev.extra_keys else None
+                        keys = tuple(keys) if keys is not None else None  # msgpack turns tuples to lists
+                        stream.hash_checks += 1
+                        if not self._root_check(ev.token_ids, ev.block_hashes[0], keys):
+                            stream.hash_mismatches += 1
             elif isinstance(ev, self._removed):
                 if ev.group_idx in (None, 0) and ev.medium in (None, "GPU"):
                     self.index.remove(replica, ev.block_hashes)

@@ -17,6 +17,7 @@ arguments of `initialize_state`.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -34,6 +35,8 @@ from tinyserve.cache_router.router_metrics import RouterMetrics
 from tinyserve.cache_router.routing_policy import RoutingPolicy
 
 __all__ = ["QueryAwareRouter", "SESSION_HEADER"]
+
+logger = logging.getLogger("ray.serve")
 
 SESSION_HEADER = "x-session-id"  # Ray Serve puts it in RequestMetadata.session_id
 
@@ -93,6 +96,7 @@ class QueryAwareRouter(RequestRouter):
         self._tokenizer: RequestTokenizer | None = None
         self._subscriber: KVEventSubscriber | None = None
         self._subscribed: dict[ReplicaID, tuple] = {}
+        self._hash_mismatch: set[ReplicaID] = set()
         self._prepared: dict[str, _Prepared] = {}
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tinyserve-router-tokenize")
         self._last_expire = 0.0
@@ -137,8 +141,10 @@ class QueryAwareRouter(RequestRouter):
             known = self._subscribed.get(rid)
             if known == key:
                 return
+            if rid in self._hash_mismatch:
+                return
             if self._subscriber is None:
-                self._subscriber = KVEventSubscriber(self._index, on_batch=None)
+                self._subscriber = KVEventSubscriber(self._index, root_check=self._root_check)
             if known is None:
                 self._subscriber.add(rid, key[0], key[1], key[2])
             else:
@@ -147,6 +153,24 @@ class QueryAwareRouter(RequestRouter):
         elif rid not in self._subscribed and rid not in self._index.replicas():
             capacity = (stats.get("kv") or {}).get("num_blocks")
             self._index.add_replica(rid, exact=False, capacity_blocks=capacity)
+
+    def _root_check(self, token_ids: list, block_hash: Any, extra_keys: Any) -> bool:
+        """Subscriber thread: does this router hash the engine's root blocks to the published values?"""
+        hasher = self._hasher
+        return True if hasher is None else hasher.first_block_matches(token_ids, block_hash, extra_keys)
+
+    def _check_hash_agreement(self, rid: ReplicaID) -> None:
+        """A replica whose every checked root block disagrees hashes differently (seed, algorithm, block
+        size): its events cannot match this router's chains, so learn it from decisions instead."""
+        checks, mismatches = self._subscriber.hash_agreement(rid)
+        if checks >= 2 and mismatches == checks:
+            logger.warning(
+                "TinyServe router: replica %s publishes block hashes this router cannot reproduce "
+                "(hash seed/algorithm/block size differ); routing it from own decisions.", rid)
+            self._hash_mismatch.add(rid)
+            self._subscriber.remove(rid)
+            self._subscribed.pop(rid, None)
+            self._index.add_replica(rid, exact=False)
 
     def _load(self, r: RunningReplica) -> ReplicaLoad:
         stats = r.routing_stats or {}
@@ -232,7 +256,10 @@ class QueryAwareRouter(RequestRouter):
         self.metrics.on_routed(
             replica_id.unique_id, prep.prompt_tokens, prefix * bs, (d.best_prefix_blocks if d else 0) * bs, spilled
         )
-        resyncs = self._subscriber.resyncs(replica_id) if self._subscriber is not None else None
+        resyncs = None
+        if self._subscriber is not None and replica_id in self._subscribed:
+            resyncs = self._subscriber.resyncs(replica_id)
+            self._check_hash_agreement(replica_id)
         self.metrics.set_replica(replica_id.unique_id, self._index.num_blocks(replica_id), self._lag(replica_id), resyncs)
 
     def _lag(self, replica_id: ReplicaID) -> float | None:
