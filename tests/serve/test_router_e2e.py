@@ -45,13 +45,6 @@ def app(tmp_path_factory):
         serving.stop()
 
 
-def _reset(app) -> None:
-    from tinyserve.bench.router import _broadcast
-
-    _broadcast("reset_prefix_cache", app["deployment"], app["app"])
-    time.sleep(1.5)  # AllBlocksCleared reaches the router
-
-
 def _counters(app) -> dict:
     from tinyserve.bench.router import replica_counters, scrape
 
@@ -77,7 +70,6 @@ def test_requests_sharing_a_long_prefix_land_where_it_is_cached(app):
 
     from tinyserve.bench.router import wait_for_counters
 
-    _reset(app)
     before = _counters(app)
     system = _system_prompt("shared-1")
     n = 6
@@ -101,7 +93,6 @@ def test_a_flood_of_one_prefix_spreads_once_its_replica_is_saturated(app):
 
     from tinyserve.bench.router import wait_for_counters
 
-    _reset(app)
     before = _counters(app)
     system = _system_prompt("hot-1")
     n = 24
@@ -131,7 +122,6 @@ def test_a_killed_replica_is_dropped_and_no_request_is_lost_silently(app):
     import httpx
     import ray
 
-    _reset(app)
     system = _system_prompt("kill-1")
     actors = [a for a in ray.util.list_named_actors(all_namespaces=True)
               if "TinyServeLLMServer" in a["name"]]

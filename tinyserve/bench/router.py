@@ -3,9 +3,8 @@
 Starts a local Ray cluster, then for each router (Ray's power-of-two default, Ray's
 PrefixCacheAffinityRouter, TinyServe's QueryAwareRouter) deploys the TinyServe app with `--replicas` vLLM
 replicas and replays each workload (`router_workloads`: multi-turn chat with shared system prompts, RAG with
-shared documents, and a hot-prompt chat) over HTTP with streaming, `--repeats` times. Before each workload
-every replica's prefix cache is reset (vLLM's `reset_prefix_cache`, which also tests the router's handling of
-``AllBlocksCleared``). Reported per router and workload: TTFT p50/p90/p99, throughput, prefix-cache hit rate
+shared documents, and a hot-prompt chat) over HTTP with streaming, `--repeats` times. Every (router, repeat)
+opens its prompts with its own tag, so no run finds another's prefixes cached. Reported per router and workload: TTFT p50/p90/p99, throughput, prefix-cache hit rate
 from vLLM's own counters (``vllm:prefix_cache_hits`` / ``queries``, scraped from Ray's metrics agent), load
 balance (max/mean requests per replica, from vLLM's request counters), errors; the spread over repeats.
 Also a calibration of the replica model for the simulator (cold TTFT vs prompt length, decode time per
@@ -158,15 +157,8 @@ def summarize(rows: list[dict], counters: dict[str, dict[str, float]], wall_s: f
     }
 
 
-def _broadcast(method: str, deployment: str, app: str) -> list:
-    from ray import serve
-    from ray.llm._internal.serve.utils.broadcast import broadcast
-
-    return broadcast(serve.get_deployment_handle(deployment, app_name=app), method)
-
-
-def calibrate(url: str, model: str, model_dir: str, deployment: str, app: str, seed: int = 7) -> dict[str, Any]:
-    """Cold TTFT vs prompt tokens (prefix caches reset before each) and decode seconds per token, sequential."""
+def calibrate(url: str, model: str, model_dir: str, seed: int = 7) -> dict[str, Any]:
+    """Cold TTFT vs prompt tokens (fresh prompts) and decode seconds per token, one request at a time."""
     import random
 
     from tinyserve.bench.router_workloads import _text, _vocabulary  # the workloads' text generator
@@ -179,13 +171,11 @@ def calibrate(url: str, model: str, model_dir: str, deployment: str, app: str, s
     decode: list[float] = []
     for words in (50, 150, 300, 500, 700, 50, 300, 700):
         msgs = [{"role": "user", "content": _text(rng, vocab, words)}]
-        n = len(tokenizer.token_ids({"messages": msgs}))
-        _broadcast("reset_prefix_cache", deployment, app)
+        n = len(tokenizer.token_ids({"messages": msgs}))  # fresh random text: never cached
         r = asyncio.run(_ttft_and_decode(url, model, msgs, 33))
         if r.get("ok"):
             pts.append((n, r["ttft_s"]))
             decode.append((r["e2e_s"] - r["ttft_s"]) / 32)
-    _broadcast("reset_prefix_cache", deployment, app)
     # TTFT = overhead + p × tokens, least squares.
     k = max(1, len(pts))
     mx = sum(n for n, _ in pts) / k
@@ -252,16 +242,14 @@ def main(argv: list[str] | None = None) -> int:
             t0 = time.time()
             url = serving.start(cfg)
             print(f"   up in {time.time() - t0:.0f} s at {url}", flush=True)
-            deployment = f"TinyServeLLMServer:{cfg.model.id}"
             if router == "query_aware" and not args.no_calibrate and not calibration:
-                calibration = calibrate(url, cfg.model.id, model_dir, deployment, serving.APP_NAME)
+                calibration = calibrate(url, cfg.model.id, model_dir, seed=args.seed + 1000 * len(results))
                 print(f"   calibration: {calibration['replica_model']}", flush=True)
             for rep in range(args.repeats):
                 for wl in workloads:
                     sessions = make_workload(wl, seed=args.seed + rep, sessions=args.sessions, turns=args.turns,
-                                             max_tokens=args.max_tokens, sessions_per_s=args.sessions_per_s)
-                    _broadcast("reset_prefix_cache", deployment, serving.APP_NAME)
-                    time.sleep(1.0)
+                                             max_tokens=args.max_tokens, sessions_per_s=args.sessions_per_s,
+                                             tag=f"[{router} {rep}] ")
                     before = replica_counters(scrape(metrics_port))
                     print(f"   {wl} (repeat {rep + 1}/{args.repeats}):", flush=True)
                     t1 = time.perf_counter()
@@ -275,7 +263,6 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"   {wl}: hit {summary['hit_rate']}, TTFT p50 {summary['ttft_p50_s']}, "
                           f"p90 {summary['ttft_p90_s']}, max/mean {summary['max_over_mean_requests']}, "
                           f"errors {summary['errors']}", flush=True)
-            serve.delete(serving.APP_NAME)
     finally:
         serve.shutdown()
         ray.shutdown()

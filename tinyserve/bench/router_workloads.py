@@ -67,8 +67,11 @@ def make_workload(
     max_tokens: int = 16,
     sessions_per_s: float = 2.0,
     think_s: float = 0.5,
+    tag: str = "",
 ) -> list[Session]:
-    """Build a seeded workload (`kind` in WORKLOADS); `groups` = system prompts (chat, hot) or documents (rag)."""
+    """Build a seeded workload (`kind` in WORKLOADS); `groups` = system prompts (chat, hot) or documents (rag).
+    `tag` opens every prompt: runs with different tags share no cached prefix, so one cluster can replay the
+    same workload several times (one per router) without resetting its caches."""
     if kind not in WORKLOADS:
         raise ValueError(f"unknown workload {kind!r}; one of {WORKLOADS}")
     rng = random.Random(seed)
@@ -77,7 +80,7 @@ def make_workload(
         groups = groups or 8
         zipf_a = 1.1 if zipf_a is None else zipf_a
         turns = 1
-        instruction = "Answer from the document. " + _text(rng, vocab, 40)
+        instruction = f"{tag}Answer from the document. " + _text(rng, vocab, 40)
     elif kind == "hot":
         groups = groups or 8
         zipf_a = 2.0 if zipf_a is None else zipf_a
@@ -98,7 +101,7 @@ def make_workload(
             ]
             sess.turns.append(Turn(sess.id, 0, messages, max_tokens, g))
         else:
-            history = [{"role": "system", "content": prefixes[g]}]
+            history = [{"role": "system", "content": tag + prefixes[g]}]
             for k in range(turns):
                 history = history + [{"role": "user", "content": _text(rng, vocab, user_words)}]
                 sess.turns.append(Turn(sess.id, k, list(history), max_tokens, g))
