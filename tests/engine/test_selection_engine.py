@@ -9,9 +9,8 @@ the plugin and selection on, whose selection settings are switched at run time t
 from __future__ import annotations
 
 import os
-from pathlib import Path
-
 import pytest
+import torch
 
 from tinyserve.engine.settings import EngineSettings, SelectionSettings
 
@@ -109,6 +108,26 @@ def engine(model_dir, dense_outputs):
         yield SelectionEngine(llm)
     finally:
         _stop(llm)
+
+
+def test_vllm_block_copy_moves_page_metadata_too():
+    """The worker's KV block copy (copy-on-write, compaction) moves the page metadata of every layer."""
+    import vllm.v1.worker.gpu_model_runner as runner
+    from tinyserve.engine.page_metadata import page_metadata_store
+    from tinyserve.engine.selection_backend import _install_copy_hook
+
+    _install_copy_hook()
+    nb = 8
+    kv = torch.randn(nb, 2, 32, 128)                                        # vLLM CPU cache shape
+    store = page_metadata_store()
+    meta = store.get_or_create("test.copy.layer", nb, 2, 64, 32, torch.float32, "cpu")
+    meta.key_min.copy_(torch.randn(nb, 2, 64))
+    meta.key_max.copy_(meta.key_min + 1)
+    src_kv, src_min = kv[2].clone(), meta.key_min[2].clone()
+    runner.copy_kv_cache_blocks_inplace([kv], nb, [(2, 6)])
+    assert torch.equal(kv[6], src_kv)
+    assert torch.equal(meta.key_min[6], src_min) and torch.equal(meta.key_max[6], src_min + 1)
+    store._layers.pop("test.copy.layer")
 
 
 def test_full_budget_greedy_outputs_equal_stock_dense(engine, dense_outputs):

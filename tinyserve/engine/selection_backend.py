@@ -172,6 +172,29 @@ class QueryAwareCPUAttentionMetadataBuilder(CPUAttentionMetadataBuilder):
         )
 
 
+class _SingleThreaded:
+    """Runs a block with one intra-op thread, then restores the count.
+
+    Selection and metadata upkeep are many small torch ops (~10^5 elements); their intra-op parallel regions
+    cost more than they save, and on a busy (oversubscribed) CPU each region can wait milliseconds for a
+    descheduled thread. The OpenMP pool (and any core binding vLLM gave its threads) is kept while idle.
+    """
+
+    __slots__ = ("threads",)
+
+    def __enter__(self) -> None:
+        self.threads = torch.get_num_threads()
+        if self.threads > 1:
+            torch.set_num_threads(1)
+
+    def __exit__(self, *exc) -> None:
+        if self.threads > 1:
+            torch.set_num_threads(self.threads)
+
+
+_single_threaded = _SingleThreaded()
+
+
 class QueryAwareCPUAttentionImpl(CPUAttentionBackendImpl):
     """The stock CPU attention, with page metadata kept on every KV write and page selection at decode.
 
@@ -188,7 +211,8 @@ class QueryAwareCPUAttentionImpl(CPUAttentionBackendImpl):
         num_blocks, num_kv_heads, block_size, _ = kv_cache.shape
         meta = page_metadata_store().get_or_create(
             layer.layer_name, num_blocks, num_kv_heads, self.head_size, block_size, key.dtype, key.device)
-        meta.record(key, slot_mapping)
+        with _single_threaded:
+            meta.record(key, slot_mapping)
 
     def _is_exempt(self, layer) -> bool:
         if self._layer_index is None:
@@ -207,23 +231,24 @@ class QueryAwareCPUAttentionImpl(CPUAttentionBackendImpl):
         if plan is None or meta is None or self.is_fp8_kv_cache or self._is_exempt(layer):
             return super().forward(layer, query, key, value, kv_cache, attn_metadata, output,
                                    output_scale, output_block_scale)
-        selector = plan.selector
-        selected, num_selected = selector.select(query[plan.query_index], meta.key_min, meta.key_max,
-                                                 plan.block_table, plan.seq_lens, plan.budget_pages)
-        row_table = plan.out_block_table[plan.rows]
-        row_lens = plan.out_seq_lens[plan.rows]
-        selector.rewrite(plan.block_table, plan.seq_lens, selected, num_selected, row_table, row_lens)
-        plan.out_block_table[plan.rows] = row_table
-        plan.out_seq_lens[plan.rows] = row_lens
-        selector.count(plan.seq_lens, row_lens, num_selected,
-                       PageSelector.kv_bytes_per_token(self.num_kv_heads, self.head_size, meta.key_min.dtype))
-        selected_md = dataclasses.replace(
-            attn_metadata,
-            block_table=plan.out_block_table,
-            seq_lens=plan.out_seq_lens,
-            scheduler_metadata=plan.builder.scheduler_metadata_for(attn_metadata, plan.out_seq_lens),
-            selection=None,
-        )
+        with _single_threaded:
+            selector = plan.selector
+            selected, num_selected = selector.select(query[plan.query_index], meta.key_min, meta.key_max,
+                                                     plan.block_table, plan.seq_lens, plan.budget_pages)
+            row_table = plan.out_block_table[plan.rows]
+            row_lens = plan.out_seq_lens[plan.rows]
+            selector.rewrite(plan.block_table, plan.seq_lens, selected, num_selected, row_table, row_lens)
+            plan.out_block_table[plan.rows] = row_table
+            plan.out_seq_lens[plan.rows] = row_lens
+            selector.count(plan.seq_lens, row_lens, num_selected,
+                           2 * self.num_kv_heads * self.head_size * meta.key_min.element_size())
+            selected_md = dataclasses.replace(
+                attn_metadata,
+                block_table=plan.out_block_table,
+                seq_lens=plan.out_seq_lens,
+                scheduler_metadata=plan.builder.scheduler_metadata_for(attn_metadata, plan.out_seq_lens),
+                selection=None,
+            )
         return super().forward(layer, query, key, value, kv_cache, selected_md, output,
                                output_scale, output_block_scale)
 
