@@ -4,8 +4,9 @@ Each replica
 - builds the embedded model on its own node when the configured model directory is missing;
 - gives its vLLM engine its own KV-events publisher on a free loopback port (for the cache-aware router);
 - polls the TinyServe stats channel in the engine core every `stats_period_s` and keeps the last
-  snapshot, which it reports through Ray Serve's `record_routing_stats` (router, autoscaling) and
-  publishes as Prometheus metrics.
+  snapshot, which it reports through Ray Serve's `record_routing_stats` (router) and
+  `record_autoscaling_stats` (KV-pressure autoscaling, from the KVPressureSignals mixin), and publishes as
+  Prometheus metrics.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Any
 
 from ray.serve.llm.deployment import LLMServer
 
+from tinyserve.autoscaling.replica_hook import KVPressureSignals
 from tinyserve.engine.stats_channel import STATS_METHOD
 
 __all__ = ["TinyServeLLMServer"]
@@ -38,7 +40,7 @@ def _free_port_pair(host: str = "127.0.0.1") -> int:
     raise RuntimeError("no free pair of loopback ports for KV events")
 
 
-class TinyServeLLMServer(LLMServer):
+class TinyServeLLMServer(KVPressureSignals, LLMServer):
     """An LLMServer replica that exports TinyServe's engine-core numbers.
 
     Owns the periodic stats task, `requests_started` (chat and completion requests this replica accepted)
@@ -91,14 +93,14 @@ class TinyServeLLMServer(LLMServer):
             raise
 
     async def _poll_stats(self) -> None:
-        from tinyserve.deployments.replica_metrics_bridge import publish
+        from tinyserve.deployments.replica_metrics import publish_engine_stats
 
         while True:
             try:
                 stats = await self.tinyserve_stats()
                 if stats:
                     self.last_stats, self._last_stats_at = stats, time.monotonic()
-                    publish(stats, model=self._model_id)
+                    publish_engine_stats(stats, model=self._model_id)
             except asyncio.CancelledError:
                 raise
             except Exception:  # an engine that is shutting down; health checks report real failures

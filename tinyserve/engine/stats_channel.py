@@ -7,7 +7,8 @@ and gets a plain dict (msgspec-serialisable) back. Sections:
 - "plugin": {"pid", "features"}: proof the plugin runs inside this engine core;
 - "kv": block-pool numbers (from the pool's `stats()` when it is TinyServe's, else the stock counts);
 - "selection": query-aware selection counters gathered from the workers (empty when selection is off);
-- "scheduler": {"num_running", "num_waiting"} requests in this engine core.
+- "scheduler": {"num_running", "num_waiting"} requests in this engine core and "num_preemptions_total",
+  the preemptions since it started (counted by a wrapper the plugin puts around `Scheduler._preempt_request`).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from tinyserve.engine.settings import EngineSettings
 __all__ = ["STATS_METHOD", "install_stats_channel", "collect_engine_stats"]
 
 STATS_METHOD = "tinyserve_stats"
+PREEMPTIONS_ATTR = "_tinyserve_num_preemptions"
 
 
 def _block_pool(engine_core: Any) -> Any:
@@ -49,7 +51,11 @@ def collect_engine_stats(engine_core: Any) -> dict[str, Any]:
         "plugin": {"pid": os.getpid(), "features": installed_features()},
         "kv": kv,
         "selection": selection,
-        "scheduler": {"num_running": len(scheduler.running), "num_waiting": len(scheduler.waiting)},
+        "scheduler": {
+            "num_running": len(scheduler.running),
+            "num_waiting": len(scheduler.waiting),
+            "num_preemptions_total": getattr(scheduler, PREEMPTIONS_ATTR, 0),
+        },
     }
 
 
@@ -59,3 +65,19 @@ def install_stats_channel(settings: EngineSettings) -> None:
 
     if not hasattr(EngineCore, STATS_METHOD):
         setattr(EngineCore, STATS_METHOD, collect_engine_stats)
+    _count_preemptions()
+
+
+def _count_preemptions() -> None:
+    from vllm.v1.core.sched.scheduler import Scheduler
+
+    stock = Scheduler._preempt_request
+    if getattr(stock, "_tinyserve_counted", False):
+        return
+
+    def preempt_and_count(self: Any, *args: Any, **kwargs: Any) -> Any:
+        setattr(self, PREEMPTIONS_ATTR, getattr(self, PREEMPTIONS_ATTR, 0) + 1)
+        return stock(self, *args, **kwargs)
+
+    preempt_and_count._tinyserve_counted = True  # type: ignore[attr-defined]
+    Scheduler._preempt_request = preempt_and_count
