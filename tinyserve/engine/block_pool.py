@@ -1,36 +1,570 @@
-"""TinyServe's block pool for vLLM 0.29 and the hook that puts it in place of vLLM's.
+"""TinyServe's block pool for vLLM 0.29, and the hook that puts it in place of vLLM's.
 
-First landing: `BestFitBlockPool` keeps vLLM's allocation order and adds `stats()`; the best-fit
-placement follows.
+`BestFitBlockPool` subclasses vLLM's `BlockPool`: same interface, same prefix-caching semantics (block
+hashes, `BlockStored`/`BlockRemoved` events, eviction of cached blocks only when no empty block is left),
+same free count. What changes is *which* free block an allocation gets:
+
+1. a request that owns a growth reservation takes the blocks right after its last block;
+2. else it extends its own run when the block after its last block starts a free run;
+3. else a new placement takes the best-fitting free run for the request's expected size (prompt + the
+   expected output: the moving mean of finished requests' outputs, doubled once exceeded, capped by
+   max_tokens; max_tokens until a request has finished): exact fit, else the smallest run that holds it, else the largest run (most room to grow),
+   then further largest runs (fewest runs); it reserves the rest of its expected size right after it;
+4. else it takes other requests' reservations (reserved blocks are free: they never refuse an allocation);
+5. else it evicts cached blocks: LRU order as vLLM, but among the oldest `eviction_window` candidates the
+   least-hit one, then the one that keeps this allocation contiguous, then the one with fewest free
+   neighbours (taking it shrinks or removes a free run rather than splitting one).
+
+Request context (which request allocates, its expected length) comes from thin wrappers around
+`KVCacheManager.allocate_slots`/`free`/`pop_blocks_for_free`/`record_prefix_cache_stats` that
+`install_block_pool` adds; they only tell the pool who is asking and change no result.
 """
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 from vllm.v1.core.block_pool import BlockPool
+from vllm.v1.core.kv_cache_utils import FreeKVCacheBlockQueue, KVCacheBlock
 
+from tinyserve.engine.free_runs import FreeRuns
 from tinyserve.engine.settings import AllocatorSettings
 
-__all__ = ["BestFitBlockPool", "install_block_pool"]
+__all__ = ["BestFitBlockPool", "install_block_pool", "uninstall_block_pool"]
+
+_HIT_CLASS_CAP = 3
+
+
+class _FreeQueueView:
+    """Stand-in for vLLM's `free_block_queue` for code outside the pool that touches it directly
+    (e.g. sink-attention managers pop blocks from it); every call goes through the pool's bookkeeping."""
+
+    def __init__(self, pool: "BestFitBlockPool") -> None:
+        self._pool = pool
+
+    @property
+    def num_free_blocks(self) -> int:
+        return self._pool.get_num_free_blocks()
+
+    def popleft(self) -> KVCacheBlock:
+        return self.popleft_n(1)[0]
+
+    def popleft_n(self, n: int) -> list[KVCacheBlock]:
+        pool = self._pool
+        return [pool.blocks[i] for i in pool._take(n)]
+
+    def remove(self, block: KVCacheBlock) -> None:
+        self._pool._take_specific(block.block_id)
+
+    def append_n(self, blocks: list[KVCacheBlock]) -> None:
+        for block in blocks:
+            self._pool._release(block)
+
+    def prepend_n(self, blocks: list[KVCacheBlock]) -> None:
+        self.append_n(blocks)
+
+    def get_all_free_blocks(self) -> list[KVCacheBlock]:
+        return [b for b in self._pool.blocks if self._pool._free_mask[b.block_id]]
 
 
 class BestFitBlockPool(BlockPool):
-    """vLLM's BlockPool with TinyServe's statistics (same interface and semantics)."""
+    """vLLM's block pool with best-fit contiguous placement and fragmentation-aware LRU eviction.
+
+    Owns, besides vLLM's block objects and prefix-cache maps, three views of the free blocks (free =
+    vLLM's sense: ref_cnt == 0, null block excluded; `_free_mask[i]` is 1 iff block i is free):
+    - `_old` then `_young`: every free block that carries a hash (still findable by prefix lookup), in
+      LRU order (least recent first); `_young` holds the most recently freed `cache_young_fraction`;
+      `_age[i]` is 1 in `_young`, 2 in `_old`, 0 otherwise;
+    - `_reserved_mask` / `_reservations`: free blocks held for one request's growth, right after it;
+    - `_runs`: every free, unreserved block that is *placeable*: no hash, or an old hash never hit since
+      it was cached. Young and hit cached blocks are *protected*: evicted only after placeable and
+      reserved blocks are gone, least recently used first.
+    Invariants: `get_num_free_blocks()` equals vLLM's count; a reserved block is never in `_runs`.
+    """
 
     settings: AllocatorSettings = AllocatorSettings()
 
-    def stats(self) -> dict[str, Any]:
-        return {
-            "num_blocks": self.num_gpu_blocks,
-            "num_free_blocks": self.get_num_free_blocks(),
-            "usage": self.get_usage(),
+    def __init__(self, num_gpu_blocks: int, enable_caching: bool, hash_block_size: int, *args: Any, **kwargs: Any):
+        super().__init__(num_gpu_blocks, enable_caching, hash_block_size, *args, **kwargs)
+        for block in self.blocks:  # the stock queue built by super() is replaced by our structures
+            block.prev_free_block = block.next_free_block = None
+        self._old = FreeKVCacheBlockQueue([])
+        self._young = FreeKVCacheBlockQueue([])
+        self._age = bytearray(num_gpu_blocks)
+        self._runs = FreeRuns(num_gpu_blocks)
+        self._runs.add_range(1, num_gpu_blocks)
+        self._free_mask = bytearray(b"\x01") * num_gpu_blocks
+        self._free_mask[0] = 0  # the null block
+        self._num_free = num_gpu_blocks - 1
+        self._reserved_mask = bytearray(num_gpu_blocks)
+        self.free_block_queue = _FreeQueueView(self)  # type: ignore[assignment]
+        self._hits = [0] * num_gpu_blocks
+        # request id -> [next, end): blocks reserved right after the request's last block
+        self._reservations: dict[str, list[int]] = {}
+        # Who is allocating now (set by the KVCacheManager wrappers), and per-request placement state.
+        self._request: Any = None
+        self._requests: dict[str, Any] = {}
+        self._tails: dict[str, int] = {}
+        self._held: dict[str, int] = {}
+        self._kv_manager: Any = None
+        self._mean_output: float | None = None  # moving mean of finished requests' output tokens
+        self.counters = {
+            "evictions_total": 0,
+            "compactions_total": 0,
+            "blocks_moved_total": 0,
+            "prefix_cache_queries_total": 0,
+            "prefix_cache_hits_total": 0,
         }
+
+    # ---- vLLM BlockPool interface --------------------------------------------------------------
+
+    def get_num_free_blocks(self) -> int:
+        return self._num_free
+
+    def get_new_blocks(self, num_blocks: int) -> list[KVCacheBlock]:
+        if num_blocks > self._num_free:
+            raise ValueError(f"Cannot get {num_blocks} free blocks from the pool")
+        blocks = self.blocks
+        metrics = self.metrics_collector
+        ret = [blocks[i] for i in self._take(num_blocks)]
+        for block in ret:
+            if metrics:
+                metrics.on_block_allocated(block)
+            assert block.ref_cnt == 0
+            block.ref_cnt = 1
+        return ret
+
+    def touch(self, blocks: Sequence[KVCacheBlock]) -> None:
+        request = self._request
+        hits = self._hits
+        for block in blocks:
+            if block.ref_cnt == 0 and not block.is_null:
+                self._take_specific(block.block_id)
+            block.ref_cnt += 1
+            if not block.is_null:
+                hits[block.block_id] += 1
+            if self.metrics_collector:
+                self.metrics_collector.on_block_accessed(block)
+        if request is not None and blocks:
+            rid = request.request_id
+            last = blocks[-1]
+            if not last.is_null:
+                self._tails[rid] = last.block_id
+            self._held[rid] = self._held.get(rid, 0) + len(blocks)
+
+    def free_blocks(self, ordered_blocks: Iterable[KVCacheBlock]) -> None:
+        for block in ordered_blocks:
+            block.ref_cnt -= 1
+            if block.ref_cnt == 0 and not block.is_null:
+                self._release(block)
+
+    def evict_blocks(self, block_ids: set[int]) -> None:
+        for block_id in block_ids:
+            assert block_id < len(self.blocks)
+            block = self.blocks[block_id]
+            free_cached = self._free_mask[block_id] and block.block_hash is not None
+            if free_cached:
+                self._uncache_free(block)
+            if self._maybe_evict_cached_block(block) and free_cached:
+                self._make_placeable(block_id)
+
+    def reset_prefix_cache(self) -> bool:
+        cached_free = self._lru_blocks()
+        if not super().reset_prefix_cache():
+            return False
+        for block in cached_free:
+            self._uncache_free(block)
+            self._make_placeable(block.block_id)
+        self._hits = [0] * self.num_gpu_blocks
+        return True
+
+    def _maybe_evict_cached_block(self, block: KVCacheBlock) -> bool:
+        evicted = super()._maybe_evict_cached_block(block)
+        if evicted:
+            self.counters["evictions_total"] += 1
+        self._hits[block.block_id] = 0
+        return evicted
+
+    # ---- free-block bookkeeping ----------------------------------------------------------------
+
+    def _lru_blocks(self) -> list[KVCacheBlock]:
+        """Free cached blocks, least recently used first (O(n); tests and reset)."""
+        out = []
+        for queue in (self._old, self._young):
+            node = queue.fake_free_list_head.next_free_block
+            while node is not queue.fake_free_list_tail:
+                out.append(node)
+                node = node.next_free_block
+        return out
+
+    def _cache_free(self, block: KVCacheBlock) -> None:
+        """A cached block became free: it joins the young end; the oldest young ones age out."""
+        self._young.append(block)
+        self._age[block.block_id] = 1
+        young, old = self._young, self._old
+        limit = self.settings.cache_young_fraction * (young.num_free_blocks + old.num_free_blocks)
+        while young.num_free_blocks > limit:
+            aged = young.popleft()
+            old.append(aged)
+            self._age[aged.block_id] = 2
+            if not self._hits[aged.block_id] and not self._reserved_mask[aged.block_id]:
+                self._runs.add(aged.block_id)
+
+    def _uncache_free(self, block: KVCacheBlock) -> None:
+        age = self._age[block.block_id]
+        (self._young if age == 1 else self._old).remove(block)
+        self._age[block.block_id] = 0
+
+    def _make_placeable(self, block_id: int) -> None:
+        if not self._reserved_mask[block_id] and not self._runs.contains(block_id):
+            self._runs.add(block_id)
+
+    def _release(self, block: KVCacheBlock) -> None:
+        """A block whose last reference went away becomes free (cached blocks stay findable)."""
+        block_id = block.block_id
+        self._free_mask[block_id] = 1
+        self._num_free += 1
+        if block.block_hash is not None:
+            if not self.enable_caching:
+                self._maybe_evict_cached_block(block)
+            else:
+                self._cache_free(block)  # young: protected until it ages out
+                return
+        self._runs.add(block_id)
+
+    def _claim(self, block_id: int) -> None:
+        """Mark a free block allocated; it must already be out of `_runs` and unreserved. Evicts its
+        prefix-cache entry (allocation overwrites it)."""
+        block = self.blocks[block_id]
+        self._free_mask[block_id] = 0
+        self._num_free -= 1
+        if block.block_hash is not None:
+            self._uncache_free(block)
+            self._maybe_evict_cached_block(block)
+
+    def _take_specific(self, block_id: int) -> None:
+        """Take one given free block out of the free structures, keeping its hash (a prefix hit)."""
+        block = self.blocks[block_id]
+        if self._reserved_mask[block_id]:
+            self._unreserve(block_id)
+        elif self._runs.contains(block_id):
+            self._runs.remove(block_id)
+        if block.block_hash is not None:
+            self._uncache_free(block)
+        self._free_mask[block_id] = 0
+        self._num_free -= 1
+
+    def _unreserve(self, block_id: int) -> None:
+        """Cut the reservation holding `block_id` (which leaves) there: its owner keeps the part before
+        it, the part after it becomes placeable."""
+        for rid, span in self._reservations.items():
+            nxt, end = span
+            if nxt <= block_id < end:
+                if block_id == nxt:
+                    del self._reservations[rid]
+                else:
+                    span[1] = block_id
+                self._reserved_mask[block_id] = 0
+                for other in range(block_id + 1, end):
+                    self._reserved_mask[other] = 0
+                    self._return_to_runs(other)
+                return
+        raise AssertionError(f"block {block_id} is marked reserved but no reservation holds it")
+
+    def _return_to_runs(self, block_id: int) -> None:
+        if self._placeable(block_id):
+            self._runs.add(block_id)
+
+    def _placeable(self, block_id: int) -> bool:
+        return self.blocks[block_id].block_hash is None or (self._age[block_id] == 2 and not self._hits[block_id])
+
+    def _drop_reservation(self, rid: str | None) -> None:
+        span = self._reservations.pop(rid, None) if rid is not None else None
+        if span is not None:
+            for block_id in range(*span):
+                self._reserved_mask[block_id] = 0
+                self._return_to_runs(block_id)
+
+    # ---- placement -----------------------------------------------------------------------------
+
+    def _expected_more(self, held: int, num: int) -> int:
+        """Blocks worth reserving beyond `num` for the current request's growth."""
+        request = self._request
+        if request is None:
+            return 0
+        block_size = self.hash_block_size
+        max_tokens = getattr(request, "max_tokens", None) or 0
+        most = max(0, -(-(request.num_prompt_tokens + max_tokens) // block_size) - held - num)
+        if self._mean_output is None:
+            extra = most
+        else:
+            # At least the learned expectation (finished requests' mean output, doubled once a request
+            # is past it), more when free space allows (a fair share per running request).
+            generated = getattr(request, "num_output_tokens", 0)
+            expected_output = max(int(self._mean_output), 2 * generated)
+            learned = -(-(request.num_prompt_tokens + expected_output) // block_size) - held - num
+            fair_share = self._num_free // (len(self._requests) + 1)
+            extra = min(most, max(learned, fair_share, 0))
+        cap = self.settings.growth_reserve_max_blocks
+        return extra if cap is None else min(extra, cap)
+
+    def _take(self, num: int) -> list[int]:
+        """Choose and claim `num` free block ids for the current request (see the module docstring)."""
+        out: list[int] = []
+        rid = self._request.request_id if self._request is not None else None
+        tail = self._tails.get(rid, -2) if rid is not None else -2
+        held = self._held.get(rid, 0) if rid is not None else 0
+        runs = self._runs
+        reserved_mask = self._reserved_mask
+        # 1. own reservation
+        span = self._reservations.get(rid) if rid is not None else None
+        if span is not None:
+            nxt, end = span
+            if nxt == tail + 1:
+                got = min(num, end - nxt)
+                for block_id in range(nxt, nxt + got):
+                    reserved_mask[block_id] = 0
+                    self._claim(block_id)
+                out.extend(range(nxt, nxt + got))
+                if nxt + got == end:
+                    del self._reservations[rid]
+                else:
+                    span[0] = nxt + got
+            else:  # stale: its owner's table moved on
+                self._drop_reservation(rid)
+        need = num - len(out)
+        if need:
+            last = out[-1] if out else tail
+            extra = self._expected_more(held + len(out), need) if rid is not None else 0
+            # 2. extend own run, else 3. best fit for the expected size, else for what is needed now
+            start = last + 1
+            end = runs.run_at(start) if last >= 0 else None
+            if end is None:
+                start = runs.best_fit(need + extra)
+                if start is None and runs.num_free:
+                    # Nothing holds the expected size: the largest run leaves the most room to grow.
+                    start = runs.largest()[0]  # type: ignore[index]
+                end = runs.run_at(start) if start is not None else None
+            if end is not None:
+                got = min(need, end - start)
+                reserve = min(extra, end - start - got) if got == need else 0
+                runs.take_prefix(start, got + reserve)
+                for block_id in range(start, start + got):
+                    self._claim(block_id)
+                out.extend(range(start, start + got))
+                if reserve:
+                    self._drop_reservation(rid)
+                    self._reservations[rid] = [start + got, start + got + reserve]  # type: ignore[index]
+                    reserved_mask[start + got : start + got + reserve] = b"\x01" * reserve
+            # 3b. fewest runs: largest first
+            while len(out) < num and runs.num_free:
+                start, length = runs.largest()  # type: ignore[misc]
+                got = min(num - len(out), length)
+                runs.take_prefix(start, got)
+                for block_id in range(start, start + got):
+                    self._claim(block_id)
+                out.extend(range(start, start + got))
+        # 4. other requests' reservations: split the largest; the far part becomes this request's
+        while len(out) < num and self._reservations:
+            owner = max(self._reservations, key=lambda r: self._reservations[r][1] - self._reservations[r][0])
+            span = self._reservations[owner]
+            nxt, end = span
+            need = num - len(out)
+            if need >= end - nxt:
+                cut, keep = nxt, 0
+            else:
+                extra = self._expected_more(held + len(out), need) if rid is not None else 0
+                cut = min(max(nxt + (end - nxt) // 2, end - need - extra), end - need)
+                keep = end - cut - need if rid is not None else 0
+            got = end - cut - keep
+            for block_id in range(cut, cut + got):
+                reserved_mask[block_id] = 0
+                self._claim(block_id)
+            out.extend(range(cut, cut + got))
+            if cut == nxt:
+                del self._reservations[owner]
+            else:
+                span[1] = cut
+            if got < end - cut:  # the thief keeps the rest of its part as its own reservation
+                if keep and rid is not None:
+                    self._drop_reservation(rid)
+                    self._reservations[rid] = [cut + got, end]
+                else:
+                    for block_id in range(cut + got, end):
+                        reserved_mask[block_id] = 0
+                        self._return_to_runs(block_id)
+        # 5. evict protected cached blocks (everything placeable is gone): the block right after this
+        # request's last one when it is old and never served a hit, else by `_pick_eviction`
+        free_mask = self._free_mask
+        while len(out) < num:
+            after = (out[-1] if out else tail) + 1
+            if 0 < after < self.num_gpu_blocks and free_mask[after] and self._age[after] == 2 and not self._hits[after]:
+                block = self.blocks[after]
+            else:
+                block = self._pick_eviction(after - 1)
+            self._claim(block.block_id)
+            out.append(block.block_id)
+        if rid is not None:
+            self._tails[rid] = out[-1]
+            self._held[rid] = held + num
+        return out
+
+    def _pick_eviction(self, after: int) -> KVCacheBlock:
+        """Among the `eviction_window` least recently used cached blocks: fewest hits, then the block
+        right after `after`, then fewest free neighbours, then least recent."""
+        free_mask = self._free_mask
+        last_id = self.num_gpu_blocks - 1
+        window = self.settings.eviction_window
+        best, best_key = None, None
+        position = 0
+        for queue in (self._old, self._young):
+            node = queue.fake_free_list_head.next_free_block
+            while position < window and node is not queue.fake_free_list_tail:
+                block_id = node.block_id
+                free_neighbours = (block_id > 0 and free_mask[block_id - 1]) + (
+                    block_id < last_id and free_mask[block_id + 1]
+                )
+                key = (min(self._hits[block_id], _HIT_CLASS_CAP), block_id != after + 1, free_neighbours, position)
+                if best_key is None or key < best_key:
+                    best, best_key = node, key
+                node = node.next_free_block
+                position += 1
+        assert best is not None, "no evictable block"
+        return best
+
+    # ---- request context (called by the KVCacheManager wrappers) -------------------------------
+
+    def begin_request(self, request: Any) -> None:
+        self._request = request
+        self._requests[request.request_id] = request
+
+    def end_request(self) -> None:
+        self._request = None
+
+    def forget_request(self, request_id: str) -> None:
+        """The request's blocks went back (finished, aborted or preempted): drop its placement state."""
+        self._drop_reservation(request_id)
+        request = self._requests.pop(request_id, None)
+        if request is not None and request.is_finished():
+            alpha = self.settings.output_mean_weight
+            produced = float(request.num_output_tokens)
+            mean = self._mean_output
+            self._mean_output = produced if mean is None else mean + alpha * (produced - mean)
+        self._tails.pop(request_id, None)
+        self._held.pop(request_id, None)
+
+    def record_prefix_lookup(self, num_tokens: int, num_hits: int) -> None:
+        self.counters["prefix_cache_queries_total"] += num_tokens
+        self.counters["prefix_cache_hits_total"] += num_hits
+
+    # ---- inspection ----------------------------------------------------------------------------
+
+    @property
+    def free_mask(self) -> bytearray:
+        """1 per free block (vLLM's sense: allocatable), 0 otherwise; the null block is never free."""
+        return self._free_mask
+
+    def check_invariants(self) -> None:
+        """Assert the invariants of the free structures (O(num_blocks); for tests)."""
+        reserved = {i for nxt, end in self._reservations.values() for i in range(nxt, end)}
+        assert reserved == {i for i, r in enumerate(self._reserved_mask) if r}
+        cached = {b.block_id for b in self._lru_blocks()}
+        assert len(cached) == self._old.num_free_blocks + self._young.num_free_blocks
+        for block in self.blocks:
+            i = block.block_id
+            free = block.ref_cnt == 0 and not block.is_null
+            assert self._free_mask[i] == free, block
+            assert (i in cached) == (free and block.block_hash is not None), block
+            assert (self._age[i] != 0) == (i in cached)
+            placeable = free and i not in reserved and self._placeable(i)
+            assert self._runs.contains(i) == placeable, (block, self._hits[i], i in reserved)
+            assert not (i in reserved and not free)
+            if block.block_hash is not None:
+                assert self.cached_block_hash_to_block.contain(block.block_hash, i)
+        assert self._num_free == sum(self._free_mask)
+
+    def stats(self) -> dict[str, float]:
+        from tinyserve.engine.fragmentation import pool_kv_stats
+
+        return pool_kv_stats(self)
+
+
+# ---- installation ------------------------------------------------------------------------------
+
+_originals: dict[str, Any] = {}
+
+
+def _with_request(method: Any) -> Any:
+    @functools.wraps(method)
+    def allocate_slots(self: Any, request: Any, *args: Any, **kwargs: Any) -> Any:
+        pool = self.block_pool
+        if not isinstance(pool, BestFitBlockPool):
+            return method(self, request, *args, **kwargs)
+        pool._kv_manager = self
+        pool.begin_request(request)
+        try:
+            return method(self, request, *args, **kwargs)
+        finally:
+            pool.end_request()
+
+    return allocate_slots
+
+
+def _forgetting(method: Any) -> Any:
+    @functools.wraps(method)
+    def release(self: Any, request: Any, *args: Any, **kwargs: Any) -> Any:
+        result = method(self, request, *args, **kwargs)
+        if isinstance(self.block_pool, BestFitBlockPool):
+            self.block_pool.forget_request(request.request_id)
+        return result
+
+    return release
+
+
+def _counting_prefix(method: Any) -> Any:
+    @functools.wraps(method)
+    def record_prefix_cache_stats(self: Any, request: Any, num_hits: int) -> Any:
+        pool = self.block_pool
+        if isinstance(pool, BestFitBlockPool) and self.prefix_cache_lookup_enabled(request):
+            pool.record_prefix_lookup(request.num_tokens, num_hits)
+        return method(self, request, num_hits)
+
+    return record_prefix_cache_stats
 
 
 def install_block_pool(settings: AllocatorSettings) -> None:
-    """Make vLLM's KV cache coordinator build `BestFitBlockPool` (idempotent)."""
+    """Make vLLM's KV cache coordinator build `BestFitBlockPool` and tell it who allocates (idempotent)."""
     import vllm.v1.core.kv_cache_coordinator as coordinator
+    from vllm.v1.core.kv_cache_manager import KVCacheManager
 
     BestFitBlockPool.settings = settings
+    if _originals:
+        return
+    _originals["BlockPool"] = coordinator.BlockPool
+    for name, wrap in (
+        ("allocate_slots", _with_request),
+        ("free", _forgetting),
+        ("pop_blocks_for_free", _forgetting),
+        ("record_prefix_cache_stats", _counting_prefix),
+    ):
+        _originals[name] = getattr(KVCacheManager, name)
+        setattr(KVCacheManager, name, wrap(_originals[name]))
     coordinator.BlockPool = BestFitBlockPool
+    if settings.compaction_scatter_threshold is not None or settings.force_compaction_every_step:
+        from tinyserve.engine.compaction import install_compaction
+
+        install_compaction(settings)
+
+
+def uninstall_block_pool() -> None:
+    """Put vLLM's own classes back (tests and benchmarks that compare in one process)."""
+    import vllm.v1.core.kv_cache_coordinator as coordinator
+    from vllm.v1.core.kv_cache_manager import KVCacheManager
+
+    if not _originals:
+        return
+    coordinator.BlockPool = _originals.pop("BlockPool")
+    for name in list(_originals):
+        setattr(KVCacheManager, name, _originals.pop(name))

@@ -120,6 +120,15 @@ class FreeRuns:
         self.num_free += 1
         self.num_runs += 1 - left - right
 
+    def add_range(self, start: int, end: int) -> None:
+        """Add [start, end) at once; none of its ids nor its two neighbours may be members."""
+        member = self._member
+        assert end > start and not any(member[max(start - 1, 0) : min(end + 1, self.num_blocks)])
+        member[start:end] = b"\x01" * (end - start)
+        self._file_in(start, end)
+        self.num_free += end - start
+        self.num_runs += 1
+
     def take_prefix(self, start: int, num: int) -> None:
         """Remove the first `num` blocks of the run that starts at `start` (num <= its length)."""
         end = self._end[start]

@@ -29,6 +29,21 @@ class AllocatorSettings(_Strict):
     compaction_scatter_threshold: float | None = Field(default=None, ge=0.0, le=1.0)
     # Test hook: plan and apply a compaction at every scheduler step.
     force_compaction_every_step: bool = False
+    # At most this many block copies per compaction (one compaction per scheduler step at most).
+    compaction_max_moves: int = Field(default=64, ge=1)
+    # A new placement reserves room to grow right after it, up to the request's prompt + max_tokens
+    # (at most this many blocks; None = no cap). Reserved blocks stay free: any allocation that finds no
+    # unreserved block takes them (newest reservation first, from its far end).
+    growth_reserve_max_blocks: int | None = Field(default=None, ge=0)
+    # Weight of each finished request in the moving mean of output lengths that sizes reservations.
+    output_mean_weight: float = Field(default=0.05, gt=0.0, le=1.0)
+    # The most recently freed share of cached free blocks is left to LRU eviction (placement does not
+    # take them), so recently used prefixes survive as long as vLLM's LRU keeps them. 1.0 = placement
+    # never takes a cached block while an empty one exists.
+    cache_young_fraction: float = Field(default=0.5, ge=0.0, le=1.0)
+    # Eviction looks at this many least-recently-used cached blocks and prefers, in order: fewer prefix
+    # hits, keeping the allocation contiguous, fewer free neighbours. 1 = vLLM's plain LRU.
+    eviction_window: int = Field(default=8, ge=1)
 
 
 class SelectionSettings(_Strict):
