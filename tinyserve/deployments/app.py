@@ -58,12 +58,16 @@ def _engine_kwargs(config: TinyServeConfig) -> dict[str, Any]:
             "topic": "kv-events",
         }
     kwargs.update(engine.extra)
+    # vLLM's request log prints prompts: off unless the gateway config asks for it (or engine.extra sets it).
+    kwargs.setdefault("enable_log_requests", config.gateway.log_prompts)
     return kwargs
 
 
 def _deployment_config(config: TinyServeConfig) -> dict[str, Any]:
     dep = config.deployment
     out: dict[str, Any] = {"max_ongoing_requests": dep.max_ongoing_requests}
+    # Requests waiting for a replica, past which Ray Serve raises BackPressureError (the ingress answers 429).
+    out["max_queued_requests"] = config.gateway.max_queued_requests
     if dep.autoscaling is None:
         out["num_replicas"] = dep.num_replicas
     else:
@@ -130,7 +134,10 @@ def build_app_from_config(config: TinyServeConfig) -> Any:
 
     return build_openai_app({
         "llm_configs": [build_llm_config(config)],
-        "ingress_cls_config": {"ingress_cls": "tinyserve.deployments.ingress:TinyServeIngress"},
+        "ingress_cls_config": {
+            "ingress_cls": "tinyserve.deployments.ingress:TinyServeIngress",
+            "ingress_extra_kwargs": {"gateway": config.gateway.model_dump()},
+        },
     })
 
 

@@ -22,6 +22,7 @@ __all__ = [
     "RouterConfig",
     "HttpConfig",
     "ClusterConfig",
+    "GatewayConfig",
     "TinyServeConfig",
     "load_config",
     "DEFAULT_CONFIG_PATH",
@@ -112,6 +113,32 @@ class ClusterConfig(_Strict):
     num_cpus: int = Field(default=8, gt=0)
 
 
+class GatewayConfig(_Strict):
+    """Guards of the OpenAI endpoint (tinyserve.deployments.ingress): retries, admission, auth, body bound, logs.
+
+    Retries: a request whose replica fails before its first chunk is re-sent, at most `retry_max_attempts`
+    attempts in all and never after `retry_deadline_s` from its arrival; a stream cut after its first chunk ends
+    with an OpenAI error event. Admission: each replica holds at most `deployment.max_ongoing_requests`;
+    `max_queued_requests` bounds the requests waiting for a replica (Ray Serve's, -1: unbounded) and
+    `max_inflight_requests` the requests the endpoint holds at once (None: unbounded); past either bound a
+    request gets 429 with `Retry-After: retry_after_s`. Auth: bearer keys from `api_keys_file` (one a line)
+    and/or the environment variable `api_keys_env` (comma-separated) of the ingress process; auth is on when
+    either is set, and the endpoint refuses to start with no key found.
+    """
+
+    retry_max_attempts: int = Field(default=3, ge=1)
+    retry_deadline_s: float = Field(default=60.0, gt=0)
+    retry_backoff_s: float = Field(default=0.2, ge=0)
+    max_queued_requests: int = Field(default=-1, ge=-1)
+    max_inflight_requests: int | None = Field(default=None, gt=0)
+    retry_after_s: int = Field(default=1, ge=0)
+    max_body_bytes: int = Field(default=4 * 1024 * 1024, gt=0)
+    api_keys_file: str | None = None
+    api_keys_env: str | None = None
+    # vLLM's request log prints prompts; off unless asked for.
+    log_prompts: bool = False
+
+
 class TinyServeConfig(_Strict):
     """A whole TinyServe deployment: model, engine, TinyServe engine patch, replicas, router, HTTP."""
 
@@ -122,6 +149,7 @@ class TinyServeConfig(_Strict):
     router: RouterConfig = Field(default_factory=RouterConfig)
     http: HttpConfig = Field(default_factory=HttpConfig)
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
+    gateway: GatewayConfig = Field(default_factory=GatewayConfig)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any] | None) -> "TinyServeConfig":
