@@ -459,7 +459,18 @@ class BestFitBlockPool(BlockPool):
         self.counters["prefix_cache_queries_total"] += num_tokens
         self.counters["prefix_cache_hits_total"] += num_hits
 
+    def claim_block(self, block_id: int) -> None:
+        """Allocate one given free block (compaction's destinations); its cache entry, if any, is evicted."""
+        self._take_specific(block_id)
+        block = self.blocks[block_id]
+        if block.block_hash is not None:
+            self._maybe_evict_cached_block(block)
+
     # ---- inspection ----------------------------------------------------------------------------
+
+    def placeable_mask(self) -> bytearray:
+        """1 per free block that placement may hand out now (empty or old unused cache, unreserved)."""
+        return self._runs._member
 
     @property
     def free_mask(self) -> bytearray:

@@ -1,0 +1,217 @@
+"""Compaction of the KV block pool: plan block moves that coalesce free space, apply them through vLLM.
+
+Plan (`plan_compaction`, pure): with F free blocks, the window of F consecutive block ids that already
+holds the most free blocks needs the fewest copies to become one free run: every allocated block inside
+it moves to a free block outside it. A window is eligible only if each allocated block in it may move
+(owned by exactly one running request) and enough destination blocks (placeable free blocks: empty or
+old unused cache, never reserved or recently used cache) lie outside it. At most `max_moves` moves per
+plan; a partial plan is progress toward the same window.
+
+Apply (`apply_moves`, in the engine-core process, right after vLLM's scheduler built a step): only
+requests that run this step as cached requests move. Each move (request, table index, src, dst) claims
+dst for the request's table, keeps src allocated as a retention, appends (src, dst) to the step's
+`kv_cache_block_copies` (the list vLLM 0.29 uses for its own copy-on-write copies; the worker runs
+`copy_kv_cache_blocks_inplace` in `_update_states`, before the forward pass), and sends the request as
+*resumed* with its whole new block table, which replaces the worker's copy of the table (vLLM's path for
+requests resumed after preemption). Retained sources are freed at the start of the next step (the step
+that copies has then run: synchronous scheduling), so every allocation decision sees the same free count
+as without compaction. A source that was cached stays findable by its hash; block hashes never change,
+so no BlockStored/BlockRemoved event is emitted for a move and event-driven routers stay right.
+
+Hook for other per-block state kept beside the KV cache (e.g. query-aware selection's page min/max):
+the moves reach the worker only as `scheduler_output.kv_cache_block_copies` (src, dst) pairs, the same
+list as vLLM's own copies; apply the same pairs to that state at the same point (`copied_block_pairs`
+reads them), and every block move — ours or vLLM's — is covered.
+
+Needs synchronous scheduling (vLLM's CPU platform forces it); with async scheduling compaction is a no-op.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from tinyserve.engine.settings import AllocatorSettings
+
+__all__ = [
+    "BlockMove",
+    "plan_compaction",
+    "apply_moves",
+    "compact_step",
+    "install_compaction",
+    "copied_block_pairs",
+]
+
+
+@dataclass(frozen=True)
+class BlockMove:
+    """Move block `src` of request `request_id`'s table (position `index`) to free block `dst`."""
+
+    request_id: str
+    index: int
+    src: int
+    dst: int
+
+
+def plan_compaction(
+    free_mask: np.ndarray,
+    movable_mask: np.ndarray,
+    destination_mask: np.ndarray,
+    max_moves: int,
+) -> list[tuple[int, int]]:
+    """(src, dst) block pairs that make the free space one run (or get closer), fewest copies first.
+
+    Args:
+        free_mask: 1 per free block.
+        movable_mask: 1 per allocated block that may move.
+        destination_mask: 1 per free block that may receive a moved block (subset of free_mask).
+        max_moves: most pairs returned.
+    """
+    free = free_mask.astype(np.int64)
+    num_free = int(free.sum())
+    n = free.size
+    if num_free == 0 or num_free == n:
+        return []
+    allocated = 1 - free
+    blocked = allocated * (1 - movable_mask.astype(np.int64))
+    csum = lambda a: np.concatenate(([0], np.cumsum(a)))  # noqa: E731
+    free_in = csum(free)
+    blocked_in = csum(blocked)
+    dest_in = csum(destination_mask.astype(np.int64))
+    starts = np.arange(n - num_free + 1)
+    ends = starts + num_free
+    cost = num_free - (free_in[ends] - free_in[starts])  # allocated blocks inside the window
+    blocked_w = blocked_in[ends] - blocked_in[starts]
+    dest_outside = dest_in[-1] - (dest_in[ends] - dest_in[starts])
+    feasible = (blocked_w == 0) & (dest_outside >= cost)
+    if not feasible.any():
+        return []
+    cost = np.where(feasible, cost, n + 1)
+    start = int(np.argmin(cost))
+    if cost[start] == 0:
+        return []
+    end = start + num_free
+    sources = np.flatnonzero(allocated[start:end]) + start
+    outside = destination_mask.copy()
+    outside[start:end] = 0
+    destinations = np.flatnonzero(outside)
+    # Fill holes nearest the window first: moved blocks stay close to their neighbours.
+    order = np.argsort(np.minimum(np.abs(destinations - start), np.abs(destinations - end)), kind="stable")
+    destinations = np.sort(destinations[order[: len(sources)]])
+    pairs = list(zip(sources.tolist(), destinations.tolist()))
+    return pairs[:max_moves]
+
+
+def _movable_owners(scheduler: Any, output: Any) -> dict[int, tuple[str, int]]:
+    """block id -> (request id, table index) for blocks owned by exactly one request that runs this
+    step as a cached (not new, not resumed) request."""
+    manager = scheduler.kv_cache_manager.coordinator.single_type_managers[0]
+    cached = output.scheduled_cached_reqs
+    owners: dict[int, tuple[str, int]] = {}
+    for rid in cached.req_ids:
+        if rid in cached.resumed_req_ids or rid in manager._partial_hit_reqs:
+            continue
+        for index, block in enumerate(manager.req_to_blocks.get(rid, ())):
+            if not block.is_null and block.ref_cnt == 1:
+                owners[block.block_id] = (rid, index)
+    return owners
+
+
+def apply_moves(scheduler: Any, output: Any, pairs: list[tuple[int, int]]) -> list[BlockMove]:
+    """Rewrite block tables, add the copies to `output` and keep the sources retained (see the module
+    docstring); returns the moves made."""
+    from vllm.v1.core.kv_cache_utils import KVCacheBlockCopy
+
+    kv_manager = scheduler.kv_cache_manager
+    pool = kv_manager.block_pool
+    manager = kv_manager.coordinator.single_type_managers[0]
+    owners = _movable_owners(scheduler, output)
+    moves = []
+    for src, dst in pairs:
+        owner = owners.get(src)
+        if owner is None or not pool.free_mask[dst]:
+            continue
+        rid, index = owner
+        table = manager.req_to_blocks[rid]
+        assert table[index].block_id == src
+        pool.claim_block(dst)
+        pool.blocks[dst].ref_cnt = 1
+        table[index] = pool.blocks[dst]  # src keeps the request's reference as the copy's retention
+        moves.append(BlockMove(rid, index, src, dst))
+    if not moves:
+        return moves
+    copies = list(output.kv_cache_block_copies or ())
+    copies.extend(KVCacheBlockCopy(m.src, m.dst) for m in moves)
+    output.kv_cache_block_copies = copies
+    cached = output.scheduled_cached_reqs
+    moved = {m.request_id for m in moves}
+    for i, rid in enumerate(cached.req_ids):
+        if rid in moved:
+            cached.resumed_req_ids.add(rid)
+            cached.new_block_ids[i] = kv_manager.get_block_ids(rid)
+            cached.all_token_ids[rid] = list(scheduler.requests[rid].all_token_ids)
+    pool.counters["compactions_total"] += 1
+    pool.counters["blocks_moved_total"] += len(moves)
+    return moves
+
+
+def compact_step(scheduler: Any, output: Any, settings: AllocatorSettings) -> list[BlockMove]:
+    """Plan and apply one compaction after the scheduler built `output`, if one is due."""
+    if len(scheduler.kv_cache_manager.coordinator.single_type_managers) != 1:
+        return []  # one KV cache group only (hybrid models keep several tables per request)
+    pool = scheduler.kv_cache_manager.block_pool
+    free_mask = np.frombuffer(bytes(pool.free_mask), dtype=np.uint8)
+    if not settings.force_compaction_every_step:
+        from tinyserve.engine.fragmentation import free_run_lengths
+
+        lengths = free_run_lengths(free_mask)
+        free_blocks = int(lengths.sum())
+        scatter = 1.0 - int(lengths.max()) / free_blocks if free_blocks else 0.0
+        if settings.compaction_scatter_threshold is None or scatter <= settings.compaction_scatter_threshold:
+            return []
+    owners = _movable_owners(scheduler, output)
+    if not owners:
+        return []
+    movable = np.zeros(free_mask.size, dtype=np.uint8)
+    movable[np.fromiter(owners.keys(), dtype=np.int64)] = 1
+    destinations = np.frombuffer(bytes(pool.placeable_mask()), dtype=np.uint8)
+    pairs = plan_compaction(free_mask, movable, destinations, settings.compaction_max_moves)
+    return apply_moves(scheduler, output, pairs) if pairs else []
+
+
+def install_compaction(settings: AllocatorSettings) -> None:
+    """Wrap vLLM's Scheduler.schedule so each step may compact (idempotent; settings updated)."""
+    from vllm.v1.core.sched.scheduler import Scheduler
+
+    if getattr(Scheduler.schedule, "_tinyserve_compaction", False):
+        Scheduler.schedule._tinyserve_settings = settings  # type: ignore[attr-defined]
+        return
+    original = Scheduler.schedule
+
+    @functools.wraps(original)
+    def schedule(self: Any, *args: Any, **kwargs: Any) -> Any:
+        from tinyserve.engine.block_pool import BestFitBlockPool
+
+        pool = self.kv_cache_manager.block_pool
+        if not isinstance(pool, BestFitBlockPool) or self.scheduler_config.async_scheduling:
+            return original(self, *args, **kwargs)
+        retained = self.__dict__.pop("_tinyserve_retained", None)
+        if retained:  # the step that copied them has run
+            pool.free_blocks(pool.blocks[m.src] for m in retained)
+        output = original(self, *args, **kwargs)
+        moves = compact_step(self, output, schedule._tinyserve_settings)
+        if moves:
+            self._tinyserve_retained = moves
+        return output
+
+    schedule._tinyserve_compaction = True  # type: ignore[attr-defined]
+    schedule._tinyserve_settings = settings  # type: ignore[attr-defined]
+    Scheduler.schedule = schedule
+
+
+def copied_block_pairs(scheduler_output: Any) -> list[tuple[int, int]]:
+    """The (src, dst) block copies a worker must apply this step (compaction moves included)."""
+    return [(c.src_block_id, c.dst_block_id) for c in (scheduler_output.kv_cache_block_copies or ())]
