@@ -50,9 +50,14 @@ CONFIGS = [  # dtype, Hq, Hkv, D, block_size
 SEQS = [(1,), (5000,), (17, 1, 300, 2048, 65), (129, 4096, 33)]
 
 
+ATTN_VARIANTS = ["mma2", "mma3", "simt"]
+
+
+@pytest.mark.parametrize("variant", ATTN_VARIANTS)
 @pytest.mark.parametrize("cfg", CONFIGS)
 @pytest.mark.parametrize("seqs", SEQS)
-def test_dense_attention(cfg, seqs):
+def test_dense_attention(cfg, seqs, variant, monkeypatch):
+    monkeypatch.setenv("TINYSERVE_ATTN", variant)
     dtype, hq, hkv, d, bs = cfg
     q, kc, vc, bt, sl = _case(len(seqs), hq, hkv, d, bs, seqs, dtype, seed=hash((cfg, seqs)) % 10_000)
     out = torch.full_like(q, float("nan"))
@@ -62,9 +67,12 @@ def test_dense_attention(cfg, seqs):
     assert _rel(out, want) < 1e-2
 
 
+@pytest.mark.parametrize("variant", [("mma3", "fused"), ("mma2", "two_pass"), ("simt", "two_pass")])
 @pytest.mark.parametrize("cfg", CONFIGS[:4])
 @pytest.mark.parametrize("budget", [64, 256, 1024, 1 << 20])
-def test_query_aware_decode(cfg, budget):
+def test_query_aware_decode(cfg, budget, variant, monkeypatch):
+    monkeypatch.setenv("TINYSERVE_ATTN", variant[0])
+    monkeypatch.setenv("TINYSERVE_SELECT", variant[1])
     dtype, hq, hkv, d, bs = cfg
     seqs = (3000, 1, 700, 2 * bs + 1)
     q, kc, vc, bt, sl = _case(len(seqs), hq, hkv, d, bs, seqs, dtype, seed=budget + bs)
@@ -108,6 +116,49 @@ def test_select_pages_large_row_and_needle():
     rsel, rn = ref.select_pages(scores, sl, bs, budget_tokens=128 * bs)
     assert torch.equal(n, rn) and torch.equal(sel, rsel)
     assert 777 in sel[0, 1].tolist()
+
+
+def test_fused_selection_equals_two_pass(monkeypatch):
+    """Fused scoring + selection picks exactly the pages of page_scores + select_pages (same arithmetic)."""
+    bs = 16
+    seqs = (3000 * bs + 5, 40, 900 * bs)
+    q, kc, vc, bt, sl = _case(len(seqs), 32, 8, 128, bs, seqs, torch.bfloat16, seed=11)
+    kmin, kmax = kc.amin(1), kc.amax(1)
+    got = {}
+    for mode in ("fused", "two_pass"):
+        monkeypatch.setenv("TINYSERVE_SELECT", mode)
+        out, sel, nsel = ops.query_aware_decode(q, kc, vc, kmin, kmax, bt, sl, 128 ** -0.5, bs, 128 * bs)
+        got[mode] = (out, sel, nsel)
+    assert torch.equal(got["fused"][1], got["two_pass"][1]) and torch.equal(got["fused"][2], got["two_pass"][2])
+    assert torch.equal(got["fused"][0], got["two_pass"][0])
+
+
+@pytest.mark.parametrize("variant", ["mma2", "mma3"])
+def test_fused_split_merge_repeats(variant, monkeypatch):
+    """The last-CTA merge resets its tickets: repeated calls (many splits, ragged batch) agree bitwise and
+    with the reference, and a CUDA-graph replay gives the same output."""
+    monkeypatch.setenv("TINYSERVE_ATTN", variant)
+    seqs = (70000, 1, 4097, 300)
+    q, kc, vc, bt, sl = _case(len(seqs), 32, 8, 128, 16, seqs, torch.bfloat16, seed=21)
+    want = ref.paged_decode_attention(q.double(), kc.double(), vc.double(), bt, sl, 128 ** -0.5)
+    first = ops.paged_decode_attention(q, kc, vc, bt, sl, 128 ** -0.5)
+    assert _rel(first, want) < 1e-2
+    for _ in range(3):
+        assert torch.equal(ops.paged_decode_attention(q, kc, vc, bt, sl, 128 ** -0.5), first)
+    out = torch.full_like(q, float("nan"))
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        ops.paged_decode_attention(q, kc, vc, bt, sl, 128 ** -0.5, out=out)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        ops.paged_decode_attention(q, kc, vc, bt, sl, 128 ** -0.5, out=out)
+    out.fill_(float("nan"))
+    for _ in range(2):
+        graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, first)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

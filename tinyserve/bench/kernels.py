@@ -18,11 +18,34 @@ import datetime as _dt
 import json
 import math
 import os
+import platform
 import subprocess
 import sys
 from pathlib import Path
 
 HQ, HKV, D = 32, 8, 128
+VARIANTS = ("mma2", "mma3", "simt")   # attention kernels timed beside the default (TINYSERVE_ATTN)
+SPARSE_VARIANTS = (("simt", "two_pass"), ("mma3", "two_pass"), ("mma2", "fused"),
+                   ("mma3", "fused"))   # (TINYSERVE_ATTN, TINYSERVE_SELECT) at bs64, 1/16
+
+
+class _env:
+    """Sets environment variables for the duration of a ``with`` block (kernel variant switches)."""
+
+    def __init__(self, **kv: str) -> None:
+        self.kv, self.old = kv, {}
+
+    def __enter__(self) -> None:
+        for k, v in self.kv.items():
+            self.old[k] = os.environ.get(k)
+            os.environ[k] = v
+
+    def __exit__(self, *exc) -> None:
+        for k, v in self.old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def _say(*a) -> None:
@@ -152,7 +175,14 @@ def _point(bench, b: int, ctx: int, budgets: list[float], copy_gbs: float, rows:
     dense16 = ops.paged_decode_attention(q, kc, vc, bt16, sl, scale)
     torch.cuda.synchronize()
     record("dense_paged_bs16", bench(_graphed(lambda: ops.paged_decode_attention(q, kc, vc, bt16, sl, scale))),
-           kv_bytes, eager_ms=bench(lambda: ops.paged_decode_attention(q, kc, vc, bt16, sl, scale)))
+           kv_bytes, eager_ms=bench(lambda: ops.paged_decode_attention(q, kc, vc, bt16, sl, scale)),
+           variant=ops._attn_variant())
+    for variant in VARIANTS:   # the other attention kernels, same inputs
+        with _env(TINYSERVE_ATTN=variant):
+            o = ops.paged_decode_attention(q, kc, vc, bt16, sl, scale)
+            record(f"dense_paged_bs16_{variant}",
+                   bench(_graphed(lambda: ops.paged_decode_attention(q, kc, vc, bt16, sl, scale))), kv_bytes,
+                   err_vs_default=_rel(o, dense16))
     dense64 = ops.paged_decode_attention(q, kc64, vc64, bt64, sl, scale)
     record("dense_paged_bs64", bench(_graphed(lambda: ops.paged_decode_attention(q, kc64, vc64, bt64, sl, scale))),
            kv_bytes, err_vs_bs16=_rel(dense64, dense16))
@@ -209,6 +239,22 @@ def _point(bench, b: int, ctx: int, budgets: list[float], copy_gbs: float, rows:
             record(f"sparse_bs{bs}_1/{round(1 / frac)}", ms, nbytes, speedup_vs_sdpa=sdpa_ms / ms,
                    eager_ms=bench(sparse),
                    err_vs_dense=_rel(out, dense16), needle_recall=float(hit), budget_tokens=budget)
+            if bs == 64 and round(1 / frac) == 16:   # earlier pipelines at the target point, same inputs
+                for attn, select in SPARSE_VARIANTS:
+                    with _env(TINYSERVE_ATTN=attn, TINYSERVE_SELECT=select):
+                        o2, _, _ = sparse()
+                        ms2 = bench(_graphed(sparse))
+                    record(f"sparse_bs64_1/16_{attn}_{select}", ms2, nbytes, speedup_vs_sdpa=sdpa_ms / ms2,
+                           err_vs_default=_rel(o2, out))
+                # the default pipeline's stages timed alone
+                ms_sc = bench(_graphed(lambda: ops.page_scores(q, kmin, kmax, btb, sl, bs)))
+                record("stage_page_scores_bs64", ms_sc, meta_bytes)
+                scores = ops.page_scores(q, kmin, kmax, btb, sl, bs)
+                ms_sel = bench(_graphed(lambda: ops.select_pages(scores, sl, bs, budget)))
+                record("stage_select_pages_bs64_1/16", ms_sel, scores.numel() * 4)
+                ms_att = bench(_graphed(lambda: ops.sparse_paged_decode_attention(
+                    q, kcb, vcb, btb, sl, sel, scale, num_selected=nsel)))
+                record("stage_attention_bs64_1/16", ms_att, nbytes - meta_bytes)
     del kc, vc, meta, kc64, vc64
     _GRAPHS.clear()
     torch.cuda.empty_cache()
@@ -287,6 +333,37 @@ def _table(rows: list) -> str:
     return "\n".join(lines)
 
 
+def _plot(rows: list, card: str, copy_gbs: float, path: str) -> str | None:
+    """Speed-up over SDPA (contiguous KV) of dense paged and query-aware decode per grid point (PNG)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except Exception:  # noqa: BLE001
+        return None
+    points = sorted({(r["B"], r["context"]) for r in rows if "B" in r})
+    names = ["dense_paged_bs16", "sparse_bs16_1/16", "sparse_bs64_1/16", "sparse_bs64_1/32"]
+    fig, ax = plt.subplots(figsize=(10, 4.5))
+    width = 0.8 / len(names)
+    for i, name in enumerate(names):
+        ys = [next((r.get("speedup_vs_sdpa", float("nan")) for r in rows
+                    if r.get("B") == b and r.get("context") == c and r["kernel"] == name), float("nan"))
+              for b, c in points]
+        ax.bar([x + i * width for x in range(len(points))], ys, width, label=name)
+    ax.axhline(1.0, color="k", lw=0.8)
+    ax.set_xticks([x + 0.4 - width / 2 for x in range(len(points))])
+    ax.set_xticklabels([f"B={b}\n{c // 1024}k" for b, c in points])
+    ax.set_ylabel("speed-up over SDPA (flash, contiguous KV)")
+    ax.set_yscale("log")
+    ax.set_title(f"{card}: paged decode, Hq=32 Hkv=8 D=128 bf16 (copy {copy_gbs:.0f} GB/s)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def _method_note(method: str) -> str:
     return method + "; kernels and baselines timed as CUDA-graph replays (eager_ms: plain calls)"
 
@@ -320,23 +397,32 @@ def main(argv: list[str] | None = None) -> int:
     copy_gbs = _copy_bw(bench)
     _say(f"device-to-device copy: {copy_gbs:.0f} GB/s (read + write)")
     rows: list = []
-    for b in batches:
-        for ctx in contexts:
-            _point(bench, b, ctx, budgets, copy_gbs, rows, seed=b * 7 + ctx)
-    if not args.no_side:
-        _side_kernels(bench, copy_gbs, rows)
-    table = _table(rows)
-    _say(table)
     result = {
         "card": card, "torch": torch.__version__, "commit": _commit(), "timing": _method_note(method),
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "shape": {"Hq": HQ, "Hkv": HKV, "D": D, "dtype": "bfloat16"}, "copy_GBps": copy_gbs, "rows": rows,
+        "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(),
+                    "sms": torch.cuda.get_device_properties(0).multi_processor_count},
+        "shape": {"Hq": HQ, "Hkv": HKV, "D": D, "dtype": "bfloat16"}, "copy_GBps": copy_gbs,
+        "default_attention": __import__("tinyserve.kernels.ops", fromlist=["ops"])._attn_variant(),
+        "rows": rows, "complete": False,
     }
     out = args.out or (f"benchmarks/results/kernels-{card.replace(' ', '_')}-"
                        f"{_dt.date.today().isoformat()}.json")
     Path(out).parent.mkdir(parents=True, exist_ok=True)
+    for b in batches:
+        for ctx in contexts:
+            _point(bench, b, ctx, budgets, copy_gbs, rows, seed=b * 7 + ctx)
+            Path(out).write_text(json.dumps(result, indent=1))   # partial results survive a time limit
+    if not args.no_side:
+        _side_kernels(bench, copy_gbs, rows)
+    table = _table(rows)
+    _say(table)
+    result["complete"] = True
     Path(out).write_text(json.dumps(result, indent=1))
     _say(f"wrote {out}")
+    png = _plot(rows, card, copy_gbs, str(Path(out).with_suffix(".png")))
+    if png:
+        _say(f"wrote {png}")
     return 0
 
 

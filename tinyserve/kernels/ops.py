@@ -10,6 +10,7 @@ dtype.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 
@@ -33,6 +34,7 @@ __all__ = [
     "free_run_stats_device",
     "cuda_enabled",
     "plan_splits",
+    "plan_splits_mma",
 ]
 
 _TYPES = {torch.bfloat16: "bf16_t", torch.float16: "f16_t"}
@@ -40,6 +42,8 @@ _LOG2E = 1.4426950408889634
 _MAX_PAGES_PER_SPLIT = 2048
 _MIN_TOKENS_PER_SPLIT = 64
 _TOKENS_PER_SPLIT = 1024
+_MMA_MINB = 2            # CTAs per multiprocessor the default tensor-core kernel is built for (measured best)
+_FUSED_SELECT_MAX_CANDIDATES = 8192   # SEL_SMEM_KEYS in page_select.cu
 
 
 def cuda_enabled(*tensors: Tensor) -> bool:
@@ -75,6 +79,47 @@ def plan_splits(batch: int, num_kv_heads: int, max_list_pages: int, block_size: 
     return math.ceil(max_list_pages / pps), pps
 
 
+def _attn_variant() -> str:
+    """Attention kernel: ``TINYSERVE_ATTN`` = mma (default; tensor cores, CTAs per SM from _MMA_MINB),
+    mma2 / mma3 (tensor cores, register budget for 2 / 3 CTAs per SM) or simt (the first kernel)."""
+    v = os.environ.get("TINYSERVE_ATTN", "mma")
+    return f"mma{_MMA_MINB}" if v == "mma" else v
+
+
+@functools.lru_cache(maxsize=4096)
+def plan_splits_mma(pairs: int, list_pages: int, block_size: int, resident_ctas: int) -> tuple[int, int]:
+    """(num_splits, pages_per_split) for the tensor-core kernel: the split count whose CTAs fill whole waves
+    of ``resident_ctas`` best, by a model time = waves x (tokens a split + a fixed cost of 64 tokens), at
+    most 4096 tokens and at least 64 tokens a split (or one split), at most 256 splits."""
+    tokens = list_pages * block_size
+    lo = max(1, math.ceil(tokens / 4096))
+    hi = max(lo, min(256, tokens // 64, list_pages))
+    best = None
+    for s in range(lo, hi + 1):
+        pps = math.ceil(list_pages / s)
+        s_eff = math.ceil(list_pages / pps)
+        cost = math.ceil(pairs * s_eff / resident_ctas) * (pps * block_size + 64)
+        if best is None or cost < best[0]:
+            best = (cost, s_eff, pps)
+    return best[1], best[2]
+
+
+_COUNTERS: dict[int, list[Tensor]] = {}
+
+
+def _counters(n: int, device: torch.device) -> Tensor | None:
+    """Zeroed int32 tickets (>= n) for the fused split merge of ``device``, or None while a graph is being
+    captured and no buffer is large enough yet (then the separate reduce runs). Buffers are never freed:
+    captured graphs keep their addresses."""
+    bufs = _COUNTERS.setdefault(device.index or 0, [])
+    if bufs and bufs[-1].numel() >= n:
+        return bufs[-1]
+    if torch.cuda.is_current_stream_capturing():
+        return None
+    bufs.append(torch.zeros(max(n, 4096), dtype=torch.int32, device=device))
+    return bufs[-1]
+
+
 def _attention(query: Tensor, key_cache: Tensor, value_cache: Tensor, block_tables: Tensor,
                seq_lens: Tensor, selected: Tensor | None, num_selected: Tensor | None, scale: float,
                out: Tensor | None) -> Tensor:
@@ -82,23 +127,33 @@ def _attention(query: Tensor, key_cache: Tensor, value_cache: Tensor, block_tabl
     bs, hkv = key_cache.shape[1], key_cache.shape[2]
     g = hq // hkv
     t = _TYPES[query.dtype]
-    unroll = 4 if g <= 4 else 2
     max_list = selected.shape[-1] if selected is not None else block_tables.shape[1]
-    splits, pps = plan_splits(b, hkv, max_list, bs)
+    variant = _attn_variant()
     if out is None:
         out = torch.empty_like(query)
+    if variant.startswith("mma"):
+        minb = int(variant[3:])
+        splits, pps = plan_splits_mma(b * hkv, max_list, bs, minb * loader.num_sms(query.device.index or 0))
+        counters = _counters(b * hkv, query.device) if splits > 1 else None
+    else:
+        splits, pps = plan_splits(b, hkv, max_list, bs)
+        counters = None
     if splits > 1:
         part_acc = torch.empty(b, hq, splits, d, dtype=torch.float32, device=query.device)
         part_ml = torch.empty(b, hq, splits, 2, dtype=torch.float32, device=query.device)
     else:
         part_acc = part_ml = None
-    fn = loader.kernel("paged_attention.cu", f"paged_decode_attention<{t},{d},{g},{unroll}>")
-    loader.launch(fn, (splits, hkv, b), (128,), (
-        _p(query), _p(key_cache), _p(value_cache), _p(block_tables), _p(seq_lens), _p(selected),
-        _p(num_selected), _i(block_tables.stride(0)), _i(max_list if selected is not None else 0), _i(hkv),
-        _i(bs.bit_length() - 1), _i(pps), np.float32(scale * _LOG2E), _p(part_acc), _p(part_ml), _p(out),
-    ), shared_mem=4 * pps)
-    if splits > 1:
+    common = (_p(query), _p(key_cache), _p(value_cache), _p(block_tables), _p(seq_lens), _p(selected),
+              _p(num_selected), _i(block_tables.stride(0)), _i(max_list if selected is not None else 0), _i(hkv),
+              _i(bs.bit_length() - 1), _i(pps), np.float32(scale * _LOG2E), _p(part_acc), _p(part_ml))
+    if variant.startswith("mma"):
+        fn = loader.kernel("paged_attention.cu", f"paged_decode_mma<{t},{d},{g},{minb}>")
+        loader.launch(fn, (splits, hkv, b), (128,), common + (_p(counters), _p(out)), shared_mem=4 * pps)
+    else:
+        unroll = 4 if g <= 4 else 2
+        fn = loader.kernel("paged_attention.cu", f"paged_decode_attention<{t},{d},{g},{unroll}>")
+        loader.launch(fn, (splits, hkv, b), (128,), common + (_p(out),), shared_mem=4 * pps)
+    if splits > 1 and counters is None:
         red = loader.kernel("paged_attention.cu", f"paged_decode_reduce<{t},{d}>")
         loader.launch(red, (b * hq,), (d,), (_p(part_acc), _p(part_ml), _i(splits), _p(out)))
     return out
@@ -171,17 +226,40 @@ def query_aware_decode(query: Tensor, key_cache: Tensor, value_cache: Tensor, ke
                        key_max: Tensor, block_tables: Tensor, seq_lens: Tensor, scale: float,
                        block_size: int, budget_tokens: int, num_sink_pages: int = 1,
                        out: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
-    """Score, select and attend: (out, selected, num_selected). Four launches on the CUDA path
-    (scores, selection, split-K attention, reduce)."""
+    """Score, select and attend: (out, selected, num_selected). Three launches on the CUDA path: page
+    scores, selection, split-K attention whose last CTA per KV head merges the splits.
+    ``TINYSERVE_SELECT=fused`` scores and selects in one launch of one CTA per KV head (faster only when
+    B x Hkv fills the card; see benchmarks/KERNEL_NOTES.md)."""
     if not (cuda_enabled(query, key_cache, value_cache) and _attn_ok(query, key_cache)):
         r, s, n = reference.query_aware_decode(query, key_cache, value_cache, key_min, key_max, block_tables,
                                                seq_lens, scale, block_size, budget_tokens, num_sink_pages)
         return (r if out is None else out.copy_(r)), s, n
     bt, sl = _i32(block_tables), _i32(seq_lens)
-    scores = page_scores(query, key_min, key_max, bt, sl, block_size)
-    sel, nsel = select_pages(scores, sl, block_size, budget_tokens, num_sink_pages)
+    if (os.environ.get("TINYSERVE_SELECT", "two_pass") == "fused" and key_min.dtype == query.dtype
+            and bt.shape[1] - 2 <= _FUSED_SELECT_MAX_CANDIDATES and block_size & (block_size - 1) == 0):
+        sel, nsel = _score_select(query.contiguous(), key_min, key_max, bt, sl, block_size, budget_tokens,
+                                  num_sink_pages)
+    else:
+        scores = page_scores(query, key_min, key_max, bt, sl, block_size)
+        sel, nsel = select_pages(scores, sl, block_size, budget_tokens, num_sink_pages)
     o = _attention(query.contiguous(), key_cache, value_cache, bt, sl, sel, nsel, scale, out)
     return o, sel, nsel
+
+
+def _score_select(query: Tensor, key_min: Tensor, key_max: Tensor, bt: Tensor, sl: Tensor, block_size: int,
+                  budget_tokens: int, num_sink_pages: int) -> tuple[Tensor, Tensor]:
+    """Scoring and selection in one launch (same pages as page_scores + select_pages)."""
+    b, hq, d = query.shape
+    hkv = key_min.shape[1]
+    p = bt.shape[1]
+    k = min(p, budget_pages(budget_tokens, block_size, num_sink_pages))
+    sel = torch.empty(b, hkv, k, dtype=torch.int32, device=query.device)
+    nsel = torch.empty(b, hkv, dtype=torch.int32, device=query.device)
+    fn = loader.kernel("page_select.cu", f"score_select_pages<{_TYPES[query.dtype]},{d},{hq // hkv}>")
+    loader.launch(fn, (hkv, b), (512,), (
+        _p(query), _p(key_min.contiguous()), _p(key_max.contiguous()), _p(bt), _p(sl), _i(bt.stride(0)), _i(hkv),
+        _i(block_size.bit_length() - 1), _i(k), _i(num_sink_pages), _p(sel), _p(nsel)))
+    return sel, nsel
 
 
 def update_page_metadata(key_min: Tensor, key_max: Tensor, key: Tensor, slot_mapping: Tensor,

@@ -12,6 +12,40 @@
 
 #define SCORE_PAGES_PER_CTA 128
 
+// Per KV head h of sequence b, this lane's 8 channels (lane * 8 ..) of the sums over the group's query
+// heads of relu(q) (qp) and min(q, 0) (qn).
+template <typename T, int D, int G>
+__device__ __forceinline__ void group_query_parts(const u16 *__restrict__ q, int b, int h, int hkv, int lane,
+                                                  float (&qp)[8], float (&qn)[8]) {
+#pragma unroll
+  for (int e = 0; e < 8; ++e) { qp[e] = 0.f; qn[e] = 0.f; }
+#pragma unroll
+  for (int g = 0; g < G; ++g) {
+    float f[8];
+    unpack8<T>(ldg16(q + ((size_t)b * hkv * G + (size_t)h * G + g) * D + lane * 8), f);
+#pragma unroll
+    for (int e = 0; e < 8; ++e) { qp[e] += fmaxf(f[e], 0.f); qn[e] += fminf(f[e], 0.f); }
+  }
+}
+
+// Score of one page by a group of LANES lanes (each holding 8 channels of min and max); every lane of the
+// warp must call it (shuffles); lanes with live = false contribute 0. Same arithmetic in every kernel.
+template <typename T, int LANES>
+__device__ __forceinline__ float page_score(const uint4 &rmin, const uint4 &rmax, const float (&qp)[8],
+                                            const float (&qn)[8], bool live) {
+  float s = 0.f;
+  if (live) {
+    float fmn[8], fmx[8];
+    unpack8<T>(rmin, fmn);
+    unpack8<T>(rmax, fmx);
+#pragma unroll
+    for (int e = 0; e < 8; ++e) s = fmaf(qp[e], fmx[e], fmaf(qn[e], fmn[e], s));
+  }
+#pragma unroll
+  for (int o = LANES / 2; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
+  return s;
+}
+
 template <typename T, int D, int G>
 __global__ void __launch_bounds__(256) page_scores(
     const u16 *__restrict__ q, const u16 *__restrict__ kmin, const u16 *__restrict__ kmax,
@@ -24,15 +58,7 @@ __global__ void __launch_bounds__(256) page_scores(
   const int lane = threadIdx.x % LANES, pg = threadIdx.x / LANES;
   const int npages = (seq_lens[b] + (1 << bs_shift) - 1) >> bs_shift;
   float qp[8], qn[8];
-#pragma unroll
-  for (int e = 0; e < 8; ++e) { qp[e] = 0.f; qn[e] = 0.f; }
-#pragma unroll
-  for (int g = 0; g < G; ++g) {
-    float f[8];
-    unpack8<T>(ldg16(q + ((size_t)b * hkv * G + (size_t)h * G + g) * D + lane * 8), f);
-#pragma unroll
-    for (int e = 0; e < 8; ++e) { qp[e] += fmaxf(f[e], 0.f); qn[e] += fminf(f[e], 0.f); }
-  }
+  group_query_parts<T, D, G>(q, b, h, hkv, lane, qp, qn);
   const int first = blockIdx.x * SCORE_PAGES_PER_CTA;
   constexpr int ITER = SCORE_PAGES_PER_CTA / GPC;
   uint4 rmin[ITER], rmax[ITER];
@@ -48,16 +74,7 @@ __global__ void __launch_bounds__(256) page_scores(
 #pragma unroll
   for (int it = 0; it < ITER; ++it) {
     int p = first + it * GPC + pg;
-    float s = 0.f;
-    if (p < npages) {
-      float fmn[8], fmx[8];
-      unpack8<T>(rmin[it], fmn);
-      unpack8<T>(rmax[it], fmx);
-#pragma unroll
-      for (int e = 0; e < 8; ++e) s = fmaf(qp[e], fmx[e], fmaf(qn[e], fmn[e], s));
-    }
-#pragma unroll
-    for (int o = LANES / 2; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
+    const float s = page_score<T, LANES>(rmin[it], rmax[it], qp, qn, p < npages);
     if (lane == 0 && p < max_pages)
       scores[((size_t)b * hkv + h) * max_pages + p] = (p < npages) ? s : TS_NEG_INF;
   }
@@ -97,31 +114,14 @@ __device__ __forceinline__ int block_prefix(bool flag, int *s_warp, int *total) 
   return r;
 }
 
-__global__ void __launch_bounds__(SEL_THREADS) select_pages(
-    const float *__restrict__ scores, const int *__restrict__ seq_lens, int max_pages, int hkv,
-    int bs_shift, int k, int num_sinks, int *__restrict__ sel, int *__restrict__ nsel)
-{
-  __shared__ u32 s_keys[SEL_SMEM_KEYS];
-  __shared__ int s_hist[256];
-  __shared__ int s_warp[33];
-  __shared__ u32 s_prefix, s_remaining;
-  const int h = blockIdx.x, b = blockIdx.y, tid = threadIdx.x;
-  const size_t row = (size_t)b * hkv + h;
-  const float *sc = scores + row * max_pages;
-  int *out = sel + row * k;
-  const int npages = (seq_lens[b] + (1 << bs_shift) - 1) >> bs_shift;
-
-  if (npages <= k) {                     // everything fits: all pages, dense-equivalent
-    for (int j = tid; j < k; j += SEL_THREADS) out[j] = j < npages ? j : -1;
-    if (tid == 0) nsel[row] = npages;
-    return;
-  }
-  const int c0 = num_sinks, c1 = npages - 1;    // candidates [c0, c1); sinks < npages - 1 here
-  const int need = k - num_sinks - 1;
-  const bool cached = (c1 - c0) <= SEL_SMEM_KEYS;
-  if (cached)
-    for (int j = tid; j < c1 - c0; j += SEL_THREADS) s_keys[j] = order_key(sc[c0 + j]);
-  if (tid == 0) { s_prefix = 0u; s_remaining = (u32)need; }
+// The `need` best candidates [c0, c1) by key (from s_keys when cached, else from sc), plus the pages
+// outside [c0, c1) (sinks and the last page), written ascending to out[0..k), -1 padded; count to
+// *nsel_row. Called by all SEL_THREADS threads of the block; keys must be visible (after a barrier).
+__device__ void select_core(const u32 *s_keys, bool cached, const float *sc, int npages, int c0, int c1,
+                            int need, int k, int *__restrict__ out, int *__restrict__ nsel_row, int *s_hist,
+                            int *s_warp, u32 *s_prefix, u32 *s_remaining) {
+  const int tid = threadIdx.x;
+  if (tid == 0) { *s_prefix = 0u; *s_remaining = (u32)need; }
   __syncthreads();
 
   u32 mask = 0u;
@@ -129,14 +129,14 @@ __global__ void __launch_bounds__(SEL_THREADS) select_pages(
     for (int shift = 24; shift >= 0; shift -= 8) {
       for (int j = tid; j < 256; j += SEL_THREADS) s_hist[j] = 0;
       __syncthreads();
-      const u32 prefix = s_prefix;
+      const u32 prefix = (*s_prefix);
       for (int j = tid; j < c1 - c0; j += SEL_THREADS) {
         u32 key = cached ? s_keys[j] : order_key(sc[c0 + j]);
         if ((key & mask) == prefix) atomicAdd(&s_hist[(key >> shift) & 0xffu], 1);
       }
       __syncthreads();
       if (tid < 32) {                    // find the digit holding the remaining-th largest key
-        const u32 rem = s_remaining;
+        const u32 rem = (*s_remaining);
         int cnt = 0;                     // lane owns digits 255-8*lane .. 248-8*lane
 #pragma unroll
         for (int i = 0; i < 8; ++i) cnt += s_hist[255 - 8 * tid - i];
@@ -153,8 +153,8 @@ __global__ void __launch_bounds__(SEL_THREADS) select_pages(
             int dgt = 255 - 8 * tid - i;
             int c = s_hist[dgt];
             if ((u32)(run + c) >= rem) {
-              s_prefix = prefix | ((u32)dgt << shift);
-              s_remaining = rem - (u32)run;
+              (*s_prefix) = prefix | ((u32)dgt << shift);
+              (*s_remaining) = rem - (u32)run;
               break;
             }
             run += c;
@@ -165,8 +165,8 @@ __global__ void __launch_bounds__(SEL_THREADS) select_pages(
       __syncthreads();
     }
   }
-  const u32 thresh = s_prefix;
-  const int ties = need > 0 ? (int)s_remaining : 0;
+  const u32 thresh = (*s_prefix);
+  const int ties = need > 0 ? (int)(*s_remaining) : 0;
   int written = 0, ties_seen = 0;
   for (int base = 0; base < npages; base += SEL_THREADS) {
     const int p = base + tid;
@@ -191,5 +191,91 @@ __global__ void __launch_bounds__(SEL_THREADS) select_pages(
     written += tot;
   }
   for (int j = written + tid; j < k; j += SEL_THREADS) out[j] = -1;
-  if (tid == 0) nsel[row] = written;
+  if (tid == 0) *nsel_row = written;
 }
+
+__global__ void __launch_bounds__(SEL_THREADS) select_pages(
+    const float *__restrict__ scores, const int *__restrict__ seq_lens, int max_pages, int hkv,
+    int bs_shift, int k, int num_sinks, int *__restrict__ sel, int *__restrict__ nsel)
+{
+  __shared__ u32 s_keys[SEL_SMEM_KEYS];
+  __shared__ int s_hist[256];
+  __shared__ int s_warp[33];
+  __shared__ u32 s_prefix, s_remaining;
+  const int h = blockIdx.x, b = blockIdx.y, tid = threadIdx.x;
+  const size_t row = (size_t)b * hkv + h;
+  const float *sc = scores + row * max_pages;
+  int *out = sel + row * k;
+  const int npages = (seq_lens[b] + (1 << bs_shift) - 1) >> bs_shift;
+
+  if (npages <= k) {                     // everything fits: all pages, dense-equivalent
+    for (int j = tid; j < k; j += SEL_THREADS) out[j] = j < npages ? j : -1;
+    if (tid == 0) nsel[row] = npages;
+    return;
+  }
+  const int c0 = num_sinks, c1 = npages - 1;    // candidates [c0, c1); sinks < npages - 1 here
+  const bool cached = (c1 - c0) <= SEL_SMEM_KEYS;
+  if (cached)
+    for (int j = tid; j < c1 - c0; j += SEL_THREADS) s_keys[j] = order_key(sc[c0 + j]);
+  select_core(s_keys, cached, sc, npages, c0, c1, k - num_sinks - 1, k, out, nsel + row, s_hist, s_warp,
+              &s_prefix, &s_remaining);
+}
+
+// Fused scoring and selection (one launch): grid (Hkv, B), SEL_THREADS threads. The block scores every
+// candidate page of its (sequence, KV head) from the min/max metadata with the same arithmetic as
+// page_scores (groups of D/8 lanes, SCORE_UNROLL pages per group in flight), keeps the order keys in
+// shared memory and runs select_core on them. Needs at most SEL_SMEM_KEYS candidates (pages - 2).
+#define SCORE_UNROLL 8
+
+template <typename T, int D, int G>
+__global__ void __launch_bounds__(SEL_THREADS) score_select_pages(
+    const u16 *__restrict__ q, const u16 *__restrict__ kmin, const u16 *__restrict__ kmax,
+    const int *__restrict__ bt, const int *__restrict__ seq_lens, int bt_stride, int hkv, int bs_shift,
+    int k, int num_sinks, int *__restrict__ sel, int *__restrict__ nsel)
+{
+  constexpr int LANES = D / 8;
+  constexpr int GPC = SEL_THREADS / LANES;   // pages scored in parallel
+  __shared__ u32 s_keys[SEL_SMEM_KEYS];
+  __shared__ int s_hist[256];
+  __shared__ int s_warp[33];
+  __shared__ u32 s_prefix, s_remaining;
+  const int h = blockIdx.x, b = blockIdx.y, tid = threadIdx.x;
+  const size_t row = (size_t)b * hkv + h;
+  int *out = sel + row * k;
+  const int npages = (seq_lens[b] + (1 << bs_shift) - 1) >> bs_shift;
+
+  if (npages <= k) {
+    for (int j = tid; j < k; j += SEL_THREADS) out[j] = j < npages ? j : -1;
+    if (tid == 0) nsel[row] = npages;
+    return;
+  }
+  const int c0 = num_sinks, c1 = npages - 1;
+  const int need = k - num_sinks - 1;
+  if (need > 0) {
+    const int lane = tid % LANES, pg = tid / LANES;
+    float qp[8], qn[8];
+    group_query_parts<T, D, G>(q, b, h, hkv, lane, qp, qn);
+    const int *btr = bt + (size_t)b * bt_stride;
+    for (int first = c0; first < c1; first += GPC * SCORE_UNROLL) {
+      uint4 rmin[SCORE_UNROLL], rmax[SCORE_UNROLL];
+#pragma unroll
+      for (int u = 0; u < SCORE_UNROLL; ++u) {
+        const int p = first + u * GPC + pg;
+        if (p < c1) {
+          const size_t off = ((size_t)btr[p] * hkv + h) * D + lane * 8;
+          rmin[u] = ldg16(kmin + off);
+          rmax[u] = ldg16(kmax + off);
+        }
+      }
+#pragma unroll
+      for (int u = 0; u < SCORE_UNROLL; ++u) {
+        const int p = first + u * GPC + pg;
+        const float s = page_score<T, LANES>(rmin[u], rmax[u], qp, qn, p < c1);
+        if (lane == 0 && p < c1) s_keys[p - c0] = order_key(s);
+      }
+    }
+  }
+  select_core(s_keys, true, nullptr, npages, c0, c1, need, k, out, nsel + row, s_hist, s_warp, &s_prefix,
+              &s_remaining);
+}
+

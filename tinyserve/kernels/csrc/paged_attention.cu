@@ -198,3 +198,234 @@ __global__ void __launch_bounds__(D) paged_decode_reduce(
   }
   out[row * D + d] = Elt<T>::from(A / L);
 }
+
+// Tensor-core variant of paged_decode_attention (same grid, arguments and invariants; adds `counters`).
+// MINB: CTAs per multiprocessor the register allocation must allow (2: no spills; 3: more loads in flight).
+//
+// Per warp and step of 16 tokens: S[head, token] = Q . K^T as two m16n8k16 tiles per 16 d (A = the
+// G query heads of the KV head in rows 0..G-1, rows G..15 zero; B = K^T, column n = token), online
+// softmax in fp32 (log2 domain), then O += P . V as D/8 tiles (A = P packed to 16 bits straight from
+// the S accumulators, B = V with pairs of tokens packed by byte permutes). The contraction dims are
+// permuted so that every K and V access is a 16-byte load straight from global memory into registers
+// (each CTA reads each K/V byte of its split once; no shared-memory staging): in the Q.K^T tile of
+// 16-d chunk c, k-slots tig*2+{0,1} hold d = (c/2)*32 + tig*8 + (c%2)*4 + {0,1} and slots tig*2+8+{0,1}
+// hold d + 2; in P.V tile j, column n holds d = (j/8)*64 + n*8 + j%8.
+// The 4 warps of a CTA take interleaved 16-token steps of the split and merge in shared memory.
+// With counters != null and S > 1, the last CTA of each (b, KV head) to finish (atomic ticket, reset to
+// 0 by that CTA) merges the S partials and writes the output, so no reduce launch is needed; counters
+// must start at 0 and be used by one launch at a time.
+template <typename T, int D, int G, int MINB>
+__global__ void __launch_bounds__(128, MINB) paged_decode_mma(
+    const u16 *__restrict__ q, const u16 *__restrict__ kc, const u16 *__restrict__ vc,
+    const int *__restrict__ bt, const int *__restrict__ seq_lens, const int *__restrict__ sel,
+    const int *__restrict__ nsel, int bt_stride, int sel_k, int hkv, int bs_shift, int pages_per_split,
+    float scale_log2, float *__restrict__ part_acc, float *__restrict__ part_ml, int *__restrict__ counters,
+    u16 *__restrict__ out)
+{
+  constexpr int NKL = D / 32;    // 16-byte K loads per token per lane
+  constexpr int NQC = D / 16;    // 16-d chunks of Q.K^T
+  constexpr int NVH = D / 64;    // 16-byte V loads per token per lane
+  constexpr int NT = D / 8;      // n-tiles of P.V
+  const int split = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
+  const int S = gridDim.x;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int gid = lane >> 2, tig = lane & 3;
+  const int bs = 1 << bs_shift;
+  const int hq = hkv * G;
+
+  extern __shared__ int s_phys[];   // [pages_per_split]
+  __shared__ float s_m[4][G], s_l[4][G];
+  __shared__ __align__(16) float s_acc[4][G][D];
+  __shared__ float s_M[G], s_L[G];   // the CTA's merged max and sum per query head
+  __shared__ int s_last;
+
+  const int seq = seq_lens[b];
+  const int npages_seq = (seq + bs - 1) >> bs_shift;
+  const int nlist = sel ? nsel[b * hkv + h] : npages_seq;
+  const int p0 = split * pages_per_split;
+  const int np = min(pages_per_split, nlist - p0);
+  const size_t head_row = (size_t)b * hq + (size_t)h * G;
+
+  if (np > 0) {
+    for (int j = tid; j < np; j += blockDim.x) {
+      int lp = sel ? sel[((size_t)b * hkv + h) * sel_k + p0 + j] : p0 + j;
+      s_phys[j] = bt[(size_t)b * bt_stride + lp];
+    }
+    const int last_lp = sel ? sel[((size_t)b * hkv + h) * sel_k + p0 + np - 1] : p0 + np - 1;
+    const int ntok = (np - 1) * bs + min(bs, seq - last_lp * bs);
+    __syncthreads();
+
+    // Q as the A operand: row gid = query head gid (zero past G); R0 / R2 = low / high k pair of chunk c
+    u32 qa[NQC][2];
+#pragma unroll
+    for (int i = 0; i < NKL; ++i) {
+      uint4 v = make_uint4(0u, 0u, 0u, 0u);
+      if (gid < G) v = ldg16(q + (head_row + gid) * D + i * 32 + tig * 8);
+      qa[2 * i][0] = v.x; qa[2 * i][1] = v.y;
+      qa[2 * i + 1][0] = v.z; qa[2 * i + 1][1] = v.w;
+    }
+    float acc[NT][2];
+#pragma unroll
+    for (int j = 0; j < NT; ++j) { acc[j][0] = 0.f; acc[j][1] = 0.f; }
+    float m = TS_NEG_INF, l = 0.f;
+    const size_t row_stride = (size_t)hkv * D;
+    const u16 *kh = kc + (size_t)h * D;
+    const u16 *vh = vc + (size_t)h * D;
+
+    for (int base = warp * 16; base < ntok; base += 64) {
+      // K rows: tokens base + gid (tile 0) and base + 8 + gid (tile 1)
+      uint4 kr[2][NKL];
+#pragma unroll
+      for (int n = 0; n < 2; ++n) {
+        const int t = base + n * 8 + gid;
+        if (t < ntok) {
+          const u16 *p = kh + ((size_t)s_phys[t >> bs_shift] * bs + (t & (bs - 1))) * row_stride + tig * 8;
+#pragma unroll
+          for (int i = 0; i < NKL; ++i) kr[n][i] = ld_stream16(p + i * 32);
+        } else {
+#pragma unroll
+          for (int i = 0; i < NKL; ++i) kr[n][i] = make_uint4(0u, 0u, 0u, 0u);
+        }
+      }
+      // V rows: tokens base + tig*2 + {0, 1, 8, 9}
+      uint4 vr[4][NVH];
+#pragma unroll
+      for (int r = 0; r < 4; ++r) {
+        const int t = base + tig * 2 + (r & 1) + (r >> 1) * 8;
+        if (t < ntok) {
+          const u16 *p = vh + ((size_t)s_phys[t >> bs_shift] * bs + (t & (bs - 1))) * row_stride + gid * 8;
+#pragma unroll
+          for (int i = 0; i < NVH; ++i) vr[r][i] = ld_stream16(p + i * 64);
+        } else {
+#pragma unroll
+          for (int i = 0; i < NVH; ++i) vr[r][i] = make_uint4(0u, 0u, 0u, 0u);
+        }
+      }
+      // S = Q . K^T: c[n][0..1] = head gid, tokens base + 8n + tig*2 + {0,1}
+      float c[2][4];
+#pragma unroll
+      for (int n = 0; n < 2; ++n) {
+        c[n][0] = c[n][1] = c[n][2] = c[n][3] = 0.f;
+#pragma unroll
+        for (int cc = 0; cc < NQC; ++cc) {
+          const uint4 &kv = kr[n][cc >> 1];
+          const u32 b0 = (cc & 1) ? kv.z : kv.x;
+          const u32 b1 = (cc & 1) ? kv.w : kv.y;
+          Mma<T>::run(c[n], qa[cc][0], 0u, qa[cc][1], 0u, b0, b1);
+        }
+      }
+      float s[4];
+#pragma unroll
+      for (int n = 0; n < 2; ++n)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const int t = base + n * 8 + tig * 2 + e;
+          s[n * 2 + e] = t < ntok ? c[n][e] * scale_log2 : TS_NEG_INF;
+        }
+      float mx = fmaxf(fmaxf(s[0], s[1]), fmaxf(s[2], s[3]));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+      const float mn = fmaxf(m, mx);               // finite: token `base` is in range
+      const float alpha = exp2f(m - mn);
+      m = mn;
+      float p[4];
+#pragma unroll
+      for (int e = 0; e < 4; ++e) p[e] = exp2f(s[e] - mn);
+      l = l * alpha + ((p[0] + p[1]) + (p[2] + p[3]));
+      const u32 pa0 = Mma<T>::pack(p[0], p[1]);   // tokens tig*2 + {0,1}
+      const u32 pa2 = Mma<T>::pack(p[2], p[3]);   // tokens 8 + tig*2 + {0,1}
+#pragma unroll
+      for (int j = 0; j < NT; ++j) {
+        const int hv = j >> 3, e = j & 7;
+        const u32 sel_bytes = (e & 1) ? 0x7632u : 0x5410u;
+        const u32 w0 = word_of(vr[0][hv], e >> 1), w1 = word_of(vr[1][hv], e >> 1);
+        const u32 w2 = word_of(vr[2][hv], e >> 1), w3 = word_of(vr[3][hv], e >> 1);
+        const u32 b0 = __byte_perm(w0, w1, sel_bytes);
+        const u32 b1 = __byte_perm(w2, w3, sel_bytes);
+        float cv[4] = {acc[j][0] * alpha, acc[j][1] * alpha, 0.f, 0.f};
+        Mma<T>::run(cv, pa0, 0u, pa2, 0u, b0, b1);
+        acc[j][0] = cv[0]; acc[j][1] = cv[1];
+      }
+    }
+    l += __shfl_xor_sync(0xffffffffu, l, 1);
+    l += __shfl_xor_sync(0xffffffffu, l, 2);
+    if (gid < G) {
+      if (tig == 0) { s_m[warp][gid] = m; s_l[warp][gid] = l; }
+#pragma unroll
+      for (int j = 0; j < NT; ++j) {
+        const int d0 = (j >> 3) * 64 + tig * 16 + (j & 7);
+        s_acc[warp][gid][d0] = acc[j][0];
+        s_acc[warp][gid][d0 + 8] = acc[j][1];
+      }
+    }
+    __syncthreads();
+    if (tid < G) {
+      float Mx = TS_NEG_INF;
+#pragma unroll
+      for (int w = 0; w < 4; ++w) Mx = fmaxf(Mx, s_m[w][tid]);
+      float Ls = 0.f;
+#pragma unroll
+      for (int w = 0; w < 4; ++w)
+        if (s_m[w][tid] != TS_NEG_INF) Ls = fmaf(s_l[w][tid], exp2f(s_m[w][tid] - Mx), Ls);
+      s_M[tid] = Mx; s_L[tid] = Ls;
+    }
+    __syncthreads();
+    for (int idx = tid; idx < G * D; idx += blockDim.x) {
+      const int g = idx / D, d = idx % D;
+      float A = 0.f;
+#pragma unroll
+      for (int w = 0; w < 4; ++w) {
+        const float mw = s_m[w][g];
+        if (mw != TS_NEG_INF) A = fmaf(s_acc[w][g][d], exp2f(mw - s_M[g]), A);
+      }
+      if (S == 1) {
+        out[(head_row + g) * D + d] = Elt<T>::from(A / s_L[g]);
+      } else {
+        part_acc[((head_row + g) * S + split) * D + d] = A / s_L[g];
+      }
+    }
+    if (S > 1 && tid < G) {
+      float *ml = part_ml + ((head_row + tid) * S + split) * 2;
+      ml[0] = s_M[tid]; ml[1] = s_L[tid];
+    }
+  } else if (tid < G) {   // empty split (ragged batch): contributes nothing
+    float *ml = part_ml + ((head_row + tid) * S + split) * 2;
+    ml[0] = TS_NEG_INF; ml[1] = 0.f;
+  }
+  if (S == 1 || counters == nullptr) return;
+
+  // last CTA of this (b, KV head) merges the S partials
+  __threadfence();
+  __syncthreads();
+  if (tid == 0) s_last = atomicAdd(&counters[b * hkv + h], 1) == S - 1;
+  __syncthreads();
+  if (!s_last) return;
+  __threadfence();
+  constexpr int Q4 = D / 4;
+  for (int idx = tid; idx < G * Q4; idx += blockDim.x) {
+    const int g = idx / Q4, d4 = idx % Q4;
+    const size_t row = head_row + g;
+    const float *ml = part_ml + row * S * 2;
+    float Mx = TS_NEG_INF;
+    for (int s2 = 0; s2 < S; ++s2) {
+      const float2 v = __ldcg(reinterpret_cast<const float2 *>(ml) + s2);
+      if (v.y > 0.f) Mx = fmaxf(Mx, v.x);
+    }
+    float Ls = 0.f;
+    float4 A = make_float4(0.f, 0.f, 0.f, 0.f);
+#pragma unroll 4
+    for (int s2 = 0; s2 < S; ++s2) {
+      const float2 v = __ldcg(reinterpret_cast<const float2 *>(ml) + s2);
+      if (!(v.y > 0.f)) continue;
+      const float w = v.y * exp2f(v.x - Mx);
+      const float4 a = __ldcg(reinterpret_cast<const float4 *>(part_acc + (row * S + s2) * D) + d4);
+      Ls += w;
+      A.x = fmaf(a.x, w, A.x); A.y = fmaf(a.y, w, A.y); A.z = fmaf(a.z, w, A.z); A.w = fmaf(a.w, w, A.w);
+    }
+    u16 *o = out + row * D + d4 * 4;
+    const float inv = 1.f / Ls;
+    o[0] = Elt<T>::from(A.x * inv); o[1] = Elt<T>::from(A.y * inv);
+    o[2] = Elt<T>::from(A.z * inv); o[3] = Elt<T>::from(A.w * inv);
+  }
+  if (tid == 0) counters[b * hkv + h] = 0;
+}
