@@ -9,7 +9,7 @@ set -o pipefail
 SITE=/root/site
 WHEELS=/root/wheels
 export PYTHONPATH="$PWD:$PWD/benchmarks/gpu_e2e:$SITE"
-export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 VLLM_NO_USAGE_STATS=1 DO_NOT_TRACK=1 TOKENIZERS_PARALLELISM=false
+export VLLM_USE_FLASHINFER_SAMPLER=0 PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 VLLM_NO_USAGE_STATS=1 DO_NOT_TRACK=1 TOKENIZERS_PARALLELISM=false
 export TINYSERVE_COMMIT="$(cat benchmarks/gpu_e2e/COMMIT 2>/dev/null || echo unknown)"
 step="$1"; shift
 case "$step" in

@@ -37,7 +37,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-__all__ = ["main", "MODEL_SHAPES", "write_model_config"]
+__all__ = ["main", "MODEL_SHAPES", "write_model_config", "variant"]
 
 MODEL_SHAPES: dict[str, dict[str, Any]] = {
     # Llama-3-8B's shape (Meta-Llama-3-8B config.json), no weights.
@@ -211,8 +211,40 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _by(parts: list[dict[str, Any]], workload: str, engine: str) -> dict[str, Any] | None:
-    return next((p for p in parts if p["workload"] == workload and p["engine"] == engine), None)
+def variant(part: dict[str, Any]) -> str:
+    """What a part ran: stock, or which TinyServe features (read off the settings it ran with)."""
+    st = part.get("settings", {})
+    if not st.get("enabled", True):
+        return "stock"
+    feats = [name for name in ("allocator", "selection") if st.get(name, {}).get("enabled", name == "allocator")]
+    return "tinyserve:" + "+".join(feats) if feats else "tinyserve:none"
+
+
+def _long_rows(parts: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Every TinyServe long-context row beside the stock row of the same context and batch."""
+    stock = {(r["context"], r["batch"]): r for p in parts if p["workload"] == "long" and variant(p) == "stock"
+             for r in p["rows"]}
+    rows = []
+    for p in parts:
+        if p["workload"] != "long" or variant(p) == "stock":
+            continue
+        for t in p["rows"]:
+            s = stock.get((t["context"], t["batch"]))
+            if s is None:
+                continue
+            rows.append(dict(
+                variant=variant(p), context=t["context"], batch=t["batch"], budget_tokens=p["settings"].get(
+                    "selection", {}).get("budget_tokens"), budget_fraction=t["budget_fraction"],
+                stock_itl_ms=s["itl_ms"], tinyserve_itl_ms=t["itl_ms"],
+                stock_tokens_per_s=s["decode_tokens_per_s"], tinyserve_tokens_per_s=t["decode_tokens_per_s"],
+                speedup=t["decode_tokens_per_s"] / s["decode_tokens_per_s"],
+                stock_wall_tokens_per_s=s["wall_tokens_per_s"], tinyserve_wall_tokens_per_s=t["wall_tokens_per_s"],
+                stock_prefill_s=s["prefill_s"], tinyserve_prefill_s=t["prefill_s"],
+                prompt_tokens_cached=dict(stock=sum(s["cached_prompt_tokens"]),
+                                          tinyserve=sum(t["cached_prompt_tokens"]),
+                                          of=t["context"] * t["batch"]),
+                same_first_16_tokens=[a == b for a, b in zip(s["first_tokens"], t["first_tokens"])]))
+    return rows
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -224,36 +256,37 @@ def cmd_report(args: argparse.Namespace) -> int:
     card = machine["card"].replace(" ", "_")
     commit = args.commit or subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                                            text=True).stdout.strip()
-    result: dict[str, Any] = dict(machine=machine, commit=commit, parts=parts, long=[], chat={})
-    lines = [f"card {machine['card']}, vLLM {machine['vllm']}, torch {machine['torch']}, commit {commit}"]
-    stock, tiny = _by(parts, "long", "stock"), _by(parts, "long", "tinyserve")
-    if stock and tiny:
-        lines.append("long-context decode (model %s): context | batch | stock ITL ms | TinyServe ITL ms | "
-                     "stock tok/s | TinyServe tok/s | speed-up | budget" % stock["model"])
-        for s, t in zip(stock["rows"], tiny["rows"]):
-            speed = t["decode_tokens_per_s"] / s["decode_tokens_per_s"]
-            result["long"].append(dict(context=s["context"], batch=s["batch"], stock_itl_ms=s["itl_ms"],
-                                       tinyserve_itl_ms=t["itl_ms"], stock_tokens_per_s=s["decode_tokens_per_s"],
-                                       tinyserve_tokens_per_s=t["decode_tokens_per_s"], speedup=speed,
-                                       budget_fraction=t["budget_fraction"],
-                                       same_first_token=[a[:1] == b[:1] for a, b in zip(s["first_tokens"],
-                                                                                        t["first_tokens"])]))
-            lines.append(f"{s['context']:>7} | {s['batch']:>3} | {s['itl_ms']:8.2f} | {t['itl_ms']:8.2f} | "
-                         f"{s['decode_tokens_per_s']:8.0f} | {t['decode_tokens_per_s']:8.0f} | {speed:5.2f}x | "
-                         f"1/{1 / t['budget_fraction']:.0f}")
-    stock, tiny = _by(parts, "chat", "stock"), _by(parts, "chat", "tinyserve")
-    if stock and tiny:
-        s, t = stock["summary"], tiny["summary"]
-        ks, kt = stock.get("kv_samples", {}), tiny.get("kv_samples", {})
-        result["chat"] = dict(stock=dict(**s, kv=ks), tinyserve=dict(**t, kv=kt),
-                              throughput_ratio=t["generated_tokens_per_s"] / s["generated_tokens_per_s"])
-        lines.append("shared-prefix chat (model %s): metric | stock | TinyServe" % stock["model"])
+    result: dict[str, Any] = dict(machine=machine, commit=commit, long=_long_rows(parts), chat={}, parts=parts)
+    lines = [f"card {machine['card']}, vLLM {machine['vllm']}, torch {machine['torch']}, "
+             f"{machine['platform']}, {machine['cpu_count']} CPUs, commit {commit}"]
+    if result["long"]:
+        lines.append("long-context decode, Llama-3-8B shape, dummy weights, bf16, 64-token blocks:")
+        lines.append("variant | context | batch | budget | stock ITL ms | TinyServe ITL ms | stock tok/s | "
+                     "TinyServe tok/s | speed-up | prompt tokens cached stock / TinyServe")
+        for r in result["long"]:
+            c = r["prompt_tokens_cached"]
+            lines.append(f"{r['variant']} | {r['context'] // 1024}k | {r['batch']} | "
+                         f"{r['budget_tokens']} (1/{1 / r['budget_fraction']:.0f}) | {r['stock_itl_ms']:.2f} | "
+                         f"{r['tinyserve_itl_ms']:.2f} | {r['stock_tokens_per_s']:.0f} | "
+                         f"{r['tinyserve_tokens_per_s']:.0f} | {r['speedup']:.2f}x | "
+                         f"{c['stock'] / c['of']:.2f} / {c['tinyserve'] / c['of']:.2f}")
+    chat = {variant(p): p for p in parts if p["workload"] == "chat"}
+    if "stock" in chat and len(chat) > 1:
+        s = chat.pop("stock")
+        name, t = next(iter(chat.items()))
+        ks, kt = s.get("kv_samples", {}), t.get("kv_samples", {})
+        result["chat"] = dict(variant=name, stock=dict(**s["summary"], kv=ks), tinyserve=dict(**t["summary"], kv=kt),
+                              tinyserve_pool=t.get("tinyserve_stats", {}).get("kv", {}),
+                              throughput_ratio=t["summary"]["generated_tokens_per_s"]
+                              / s["summary"]["generated_tokens_per_s"])
+        lines.append(f"shared-prefix chat ({name}), {len(s['turns'])} turns x {s['turns'][0]['requests']} "
+                     "conversations: metric | stock | TinyServe")
         for key in ("generated_tokens_per_s", "total_tokens_per_s", "ttft_ms_median", "prefix_hit_rate"):
-            lines.append(f"{key} | {s[key]:.3f} | {t[key]:.3f}")
-        for key in ("runs_per_request_mean", "runs_per_request_max_seen", "free_space_scatter",
-                    "token_slot_utilisation"):
-            if isinstance(ks, dict) and key in ks and isinstance(kt, dict) and key in kt:
-                lines.append(f"{key} | {ks[key]:.3f} | {kt[key]:.3f}")
+            lines.append(f"{key} | {s['summary'][key]:.3f} | {t['summary'][key]:.3f}")
+        for key in ("runs_per_request_mean", "runs_per_request_max_seen", "free_runs", "free_space_scatter",
+                    "token_slot_utilisation", "effective_capacity"):
+            if key in ks and key in kt:
+                lines.append(f"{key} (sampled) | {ks[key]:.3f} | {kt[key]:.3f}")
     print("\n".join(lines))
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -273,15 +306,19 @@ def _plot(result: dict[str, Any], path: Path) -> None:
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     if result["long"]:
-        ctx = [r["context"] // 1024 for r in result["long"]]
-        x = range(len(ctx))
-        axes[0].bar([i - 0.2 for i in x], [r["stock_tokens_per_s"] for r in result["long"]], 0.4, label="stock vLLM")
-        axes[0].bar([i + 0.2 for i in x], [r["tinyserve_tokens_per_s"] for r in result["long"]], 0.4,
-                    label="TinyServe (selection)")
-        axes[0].set_xticks(list(x), [f"{c}k\nB={r['batch']}" for c, r in zip(ctx, result["long"])])
-        axes[0].set_ylabel("decode tokens/s")
-        axes[0].set_title("long-context decode")
-        axes[0].legend()
+        rows = result["long"]
+        x = range(len(rows))
+        axes[0].bar([i - 0.2 for i in x], [r["stock_tokens_per_s"] for r in rows], 0.4, label="stock vLLM")
+        axes[0].bar([i + 0.2 for i in x], [r["tinyserve_tokens_per_s"] for r in rows], 0.4, label="TinyServe")
+        for i, r in enumerate(rows):
+            axes[0].text(i + 0.2, r["tinyserve_tokens_per_s"], f"{r['speedup']:.2f}x", ha="center", va="bottom",
+                         fontsize=7)
+        axes[0].set_xticks(list(x), [f"{r['context'] // 1024}k B={r['batch']}\n"
+                                     f"{r['variant'].split(':')[1].replace('allocator', 'alloc').replace('selection', 'sel')}"
+                                     for r in rows], fontsize=7)
+        axes[0].set_ylabel("decode tokens/s (batch / ITL)")
+        axes[0].set_title("long-context decode, budget 4096 tokens")
+        axes[0].legend(fontsize=7)
     if result["chat"]:
         keys = ["generated_tokens_per_s", "ttft_ms_median"]
         s, t = result["chat"]["stock"], result["chat"]["tinyserve"]

@@ -268,7 +268,11 @@ def _make_classes() -> tuple[type, type, type]:
         def get_builder_cls() -> type:
             return QueryAwareFlashAttentionMetadataBuilder
 
-    return QueryAwareFlashAttentionBackend, QueryAwareFlashAttentionImpl, QueryAwareFlashAttentionMetadataBuilder
+    classes = (QueryAwareFlashAttentionBackend, QueryAwareFlashAttentionImpl, QueryAwareFlashAttentionMetadataBuilder)
+    for cls in classes:                 # importable by name: vLLM resolves classes by module + qualname
+        cls.__qualname__ = cls.__name__
+        cls.__module__ = __name__
+    return classes
 
 
 def decode_on_split_layout(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
@@ -352,41 +356,56 @@ def _copy_metadata(kv_cache_block_copies: Any) -> None:
         kmax[dst] = kmax[src]
 
 
+def _runner_modules(*names: str) -> list[Any]:
+    """The model-runner modules of this vLLM that exist (0.26 and 0.29 have two runners, v1 and v2)."""
+    import importlib
+
+    found = []
+    for name in names:
+        try:
+            found.append(importlib.import_module(name))
+        except ImportError:
+            pass
+    return found
+
+
 def _install_bind_hook() -> None:
     """Prepare every selecting layer right after the model runner binds the KV caches."""
-    import vllm.v1.worker.gpu_model_runner as runner_module
 
-    original = runner_module.bind_kv_cache
-    if getattr(original, "_tinyserve_wrapped", False):
-        return
+    def wrap(original: Any) -> Any:
+        def bind_kv_cache_and_prepare(kv_caches, forward_context, *args, **kwargs):
+            original(kv_caches, forward_context, *args, **kwargs)
+            cls = globals().get("QueryAwareFlashAttentionImpl") or __getattr__("QueryAwareFlashAttentionImpl")
+            for name, cache in kv_caches.items():
+                layer = forward_context.get(name)
+                impl = getattr(layer, "impl", None)
+                if isinstance(impl, cls) and isinstance(cache, torch.Tensor) and cache.dim() == 5:
+                    impl.prepare(layer, cache)
 
-    def bind_kv_cache_and_prepare(kv_caches, forward_context, *args, **kwargs):
-        original(kv_caches, forward_context, *args, **kwargs)
-        cls = globals().get("QueryAwareFlashAttentionImpl") or __getattr__("QueryAwareFlashAttentionImpl")
-        for name, cache in kv_caches.items():
-            layer = forward_context.get(name)
-            impl = getattr(layer, "impl", None)
-            if isinstance(impl, cls) and isinstance(cache, torch.Tensor) and cache.dim() == 5:
-                impl.prepare(layer, cache)
+        bind_kv_cache_and_prepare._tinyserve_wrapped = True  # type: ignore[attr-defined]
+        return bind_kv_cache_and_prepare
 
-    bind_kv_cache_and_prepare._tinyserve_wrapped = True  # type: ignore[attr-defined]
-    runner_module.bind_kv_cache = bind_kv_cache_and_prepare
+    for module in _runner_modules("vllm.v1.worker.gpu_model_runner", "vllm.v1.worker.gpu.attn_utils"):
+        original = getattr(module, "bind_kv_cache", None)
+        if original is not None and not getattr(original, "_tinyserve_wrapped", False):
+            module.bind_kv_cache = wrap(original)
 
 
 def _install_copy_hook() -> None:
-    """Make every KV block copy the model runner applies (copy-on-write, compaction) move the metadata."""
-    import vllm.v1.worker.gpu_model_runner as runner_module
+    """Make every KV block copy the model runners apply (copy-on-write, compaction) move the metadata."""
 
-    original = runner_module.copy_kv_cache_blocks_inplace
-    if getattr(original, "_tinyserve_wrapped", False):
-        return
+    def wrap(original: Any) -> Any:
+        def copy_kv_cache_blocks_and_metadata(kv_caches, num_blocks, kv_cache_block_copies):
+            original(kv_caches, num_blocks, kv_cache_block_copies)
+            _copy_metadata(kv_cache_block_copies)
 
-    def copy_kv_cache_blocks_and_metadata(kv_caches, num_blocks, kv_cache_block_copies):
-        original(kv_caches, num_blocks, kv_cache_block_copies)
-        _copy_metadata(kv_cache_block_copies)
+        copy_kv_cache_blocks_and_metadata._tinyserve_wrapped = True  # type: ignore[attr-defined]
+        return copy_kv_cache_blocks_and_metadata
 
-    copy_kv_cache_blocks_and_metadata._tinyserve_wrapped = True  # type: ignore[attr-defined]
-    runner_module.copy_kv_cache_blocks_inplace = copy_kv_cache_blocks_and_metadata
+    for module in _runner_modules("vllm.v1.worker.gpu_model_runner", "vllm.v1.worker.gpu.model_runner"):
+        original = getattr(module, "copy_kv_cache_blocks_inplace", None)
+        if original is not None and not getattr(original, "_tinyserve_wrapped", False):
+            module.copy_kv_cache_blocks_inplace = wrap(original)
 
 
 def install_selection(settings: SelectionSettings) -> None:
