@@ -24,12 +24,16 @@ Decision, with n the running replicas:
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import Any
 
 from tinyserve.autoscaling.replica_signals import KV_USAGE, NUM_WAITING, PREEMPTIONS_TOTAL
 
 __all__ = ["KVPressurePolicy", "kv_pressure_policy", "STATE_KEY"]
+
+# Ray Serve's logger: in the controller its records land in logs/serve/controller_*.log.
+logger = logging.getLogger("ray.serve")
 
 # Key of this policy's entry in Ray's per-deployment policy state: the last decision and why.
 STATE_KEY = "tinyserve_kv_pressure"
@@ -161,6 +165,13 @@ class KVPressurePolicy:
         else:
             desired, decision = n, "hold"
         desired = min(max(desired, lo), hi)
+        previous = (ctx.policy_state or {}).get(STATE_KEY) or {}
+        if desired != n and (previous.get("desired"), previous.get("decision")) != (desired, decision):
+            # Only when the wish changes, not every tick: the controller calls this many times a second.
+            logger.info(
+                "tinyserve kv_pressure: %s wants %d replicas (running %d): %s reasons=%s signals=%s",
+                ctx.deployment_name, desired, n, decision, reasons, sig,
+            )
         state[STATE_KEY] = {"decision": decision, "reasons": reasons, "desired": desired, **sig}
         return desired, state
 
