@@ -3,7 +3,7 @@
 Two engines, one after the other: stock vLLM (TinyServe plugin off) for the dense outputs, then one engine with
 the plugin and selection on, whose selection settings are switched at run time through the engine-core method
 `tinyserve_set_selection`. Both run the same engine config (block size 32, chunked prefill of 128 tokens and a
-40-block KV cache, small enough that the preemption workload below really preempts).
+32-block KV cache, small enough that the preemption workload below really preempts).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from tinyserve.engine.settings import EngineSettings, SelectionSettings
 pytestmark = pytest.mark.slow
 
 ENGINE_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "nobind", "HF_HUB_OFFLINE": "1"}
-ENGINE_ARGS = dict(block_size=32, max_model_len=1024, enforce_eager=True, num_gpu_blocks_override=40,
+ENGINE_ARGS = dict(block_size=32, max_model_len=960, enforce_eager=True, num_gpu_blocks_override=32,
                    max_num_batched_tokens=128, disable_log_stats=False, seed=0)
 
 
@@ -169,7 +169,7 @@ def test_exempt_layers_and_min_context_turn_selection_off(engine):
 def test_page_metadata_exact_after_chunked_prefill_decode_preemption_and_prefix_reuse(engine):
     settings = _selection(budget_tokens=64, min_context_tokens=64)
     preempted = _metric(engine.llm, "vllm:num_preemptions")
-    # 4 x (300 prompt + 64 generated) tokens need 48 blocks of the 40: the scheduler must preempt
+    # 4 x (300 prompt + 64 generated) tokens need 48 blocks of the 31 usable: the scheduler must preempt
     prompts = [_prompt(31 + i, 300) for i in range(4)]
     _, delta = engine.run(prompts, 64, settings)
     assert _metric(engine.llm, "vllm:num_preemptions") > preempted
@@ -177,9 +177,12 @@ def test_page_metadata_exact_after_chunked_prefill_decode_preemption_and_prefix_
     audit = engine.audit()
     assert audit["blocks_checked"] > 8 and audit["layers_checked"] == 2
     assert audit["max_abs_error"] == 0.0
-    # prefix reuse: same prefixes, new tails; cached blocks (and their metadata) are reused as they are
+    # prefix reuse: a prompt, then the same prompt with new tails; its cached blocks (and their metadata) are
+    # reused as they are
+    base = _prompt(41, 256)
+    engine.run([base], 8, settings)
     hits = _metric(engine.llm, "vllm:prefix_cache_hits")
-    reuse = [{"prompt_token_ids": p["prompt_token_ids"] + [5 + i] * 40} for i, p in enumerate(prompts[:2])]
+    reuse = [{"prompt_token_ids": base["prompt_token_ids"] + [5 + i] * 40} for i in range(2)]
     engine.run(reuse, 8, settings)
     assert _metric(engine.llm, "vllm:prefix_cache_hits") > hits
     audit = engine.audit()
