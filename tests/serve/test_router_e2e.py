@@ -35,7 +35,8 @@ def app(tmp_path_factory):
         "model": {"path": model_dir, "make_size": None},
         "deployment": {"num_replicas": REPLICAS, "max_ongoing_requests": 8},
         "http": {"port": http_port},
-        "router": {"kind": "query_aware", "options": {"tokenizer": model_dir, "hash_seed": "0"}},
+        "router": {"kind": "query_aware", "options": {"tokenizer": model_dir, "hash_seed": "0",
+                                                      "decision_log": os.environ.get("TINYSERVE_ROUTER_DECISION_LOG")}},
     })
     try:
         url = serving.start(cfg)

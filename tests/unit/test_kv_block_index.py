@@ -51,13 +51,13 @@ def test_approximate_mode_expires_and_respects_capacity():
     idx = KVBlockIndex(approx_ttl_s=10.0)
     idx.add_replica("x", exact=False, capacity_blocks=4)
     idx.add_replica("e", exact=True)
-    idx.record_decision("e", [1, 2], now=0.0)  # exact replicas ignore decisions
+    idx.record_decision("e", [1, 2], now=0.0)  # exact replicas hold decisions only provisionally
     assert idx.num_blocks("e") == 0
     idx.record_decision("x", [1, 2, 3], now=0.0)
     idx.record_decision("x", [1, 2, 9, 10], now=5.0)  # refreshes 1, 2; pushes 3 out (capacity 4)
     assert idx.num_blocks("x") == 4 and not idx.holds("x", 3)
     assert idx.longest_prefix([1, 2, 9], ["x"]) == {"x": 3}
-    assert idx.expire(now=12.0) == 0  # all were refreshed/added at t=5
+    assert idx.expire(now=12.0) == 2  # only e's provisional pair (10 s); x's were refreshed/added at t=5
     assert idx.expire(now=15.0) == 4
     assert idx.longest_prefix([1], ["x"]) == {"x": 0}
 
@@ -99,3 +99,20 @@ def test_matches_a_naive_model(ops, chain):
         expected[r] = n
     assert idx.longest_prefix(chain, "abc") == expected
     assert idx.total_blocks() == sum(sum(1 for c in d.values() if c > 0) for d in naive.values())
+
+
+def test_exact_replicas_hold_decisions_provisionally_until_events_confirm_or_time_runs_out():
+    idx = KVBlockIndex(provisional_ttl_s=5.0)
+    idx.add_replica("e", exact=True)
+    idx.record_decision("e", [1, 2, 3], now=0.0)  # routed, prefill not finished: no BlockStored yet
+    assert idx.longest_prefix([1, 2, 3], ["e"]) == {"e": 3}
+    assert idx.num_blocks("e") == 0  # provisional blocks are not the engine's
+    idx.store("e", [1, 2])  # the engine confirms two of them
+    idx.remove("e", [1])  # ... and already evicted one: provisional keeps it until expiry
+    assert idx.longest_prefix([1, 2, 3], ["e"]) == {"e": 3}
+    idx.expire(now=6.0)
+    assert idx.longest_prefix([1, 2, 3], ["e"]) == {"e": 0}  # 1 evicted, 3 never stored
+    assert idx.longest_prefix([2], ["e"]) == {"e": 1}  # confirmed blocks stay
+    idx.record_decision("e", [7], now=10.0)
+    idx.clear("e")  # AllBlocksCleared drops provisional blocks too
+    assert idx.longest_prefix([7], ["e"]) == {"e": 0}

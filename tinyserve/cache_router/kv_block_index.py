@@ -26,7 +26,11 @@ class KVBlockIndex:
     hash in two blocks, each removed by its own event), ``_approx`` (approximate replica → hash → expiry,
     oldest first) and each replica's capacity. Invariants: bit(r) is set in ``_holders[h]`` iff
     ``h in _blocks[r]``; no zero mask stays in ``_holders``; ``_dups[r]`` keys ⊆ ``_blocks[r]``; an
-    approximate replica's blocks equal ``_approx[r]``'s keys. All methods are thread-safe (one lock: the
+    approximate replica's blocks equal ``_approx[r]``'s keys. Exact replicas also hold *provisional* blocks
+    (``_provisional``: hash → expiry): the prefix of a request just routed there, assumed cached for
+    ``provisional_ttl_s`` so that requests arriving before the engine's ``BlockStored`` (sent only once the
+    prefill is done) or before the stream is synced follow it. For an exact replica, bit(r) is set in
+    ``_holders[h]`` iff ``h in _blocks[r] or h in _provisional[r]``. All methods are thread-safe (one lock: the
     event subscriber writes from its thread, the router reads on its event loop); every call holds the
     lock for O(blocks touched + replicas asked about), never O(index).
 
@@ -35,8 +39,10 @@ class KVBlockIndex:
         approx_capacity_blocks: default cap of blocks assumed cached per approximate replica.
     """
 
-    def __init__(self, approx_ttl_s: float = 120.0, approx_capacity_blocks: int = 100_000) -> None:
+    def __init__(self, approx_ttl_s: float = 120.0, approx_capacity_blocks: int = 100_000,
+                 provisional_ttl_s: float = 10.0) -> None:
         self.approx_ttl_s = approx_ttl_s
+        self.provisional_ttl_s = provisional_ttl_s
         self.approx_capacity_blocks = approx_capacity_blocks
         self._lock = threading.Lock()
         self._slot: dict[ReplicaKey, int] = {}
@@ -46,6 +52,7 @@ class KVBlockIndex:
         self._blocks: dict[ReplicaKey, set[BlockHash]] = {}
         self._dups: dict[ReplicaKey, dict[BlockHash, int]] = {}
         self._approx: dict[ReplicaKey, OrderedDict[BlockHash, float]] = {}
+        self._provisional: dict[ReplicaKey, OrderedDict[BlockHash, float]] = {}
         self._capacity: dict[ReplicaKey, int] = {}
 
     # ----- replicas -------------------------------------------------------------------------------
@@ -58,6 +65,7 @@ class KVBlockIndex:
             self._replica_at[pos] = replica
             self._blocks[replica] = set()
             self._dups[replica] = {}
+            self._provisional[replica] = OrderedDict()
         return bit
 
     def add_replica(self, replica: ReplicaKey, exact: bool, capacity_blocks: int | None = None) -> None:
@@ -94,7 +102,7 @@ class KVBlockIndex:
             if bit is None:
                 return
             self._clear_locked(replica)
-            del self._slot[replica], self._blocks[replica], self._dups[replica]
+            del self._slot[replica], self._blocks[replica], self._dups[replica], self._provisional[replica]
             pos = bit.bit_length() - 1
             del self._replica_at[pos]
             self._free_positions.append(pos)
@@ -128,7 +136,7 @@ class KVBlockIndex:
             bit = self._slot.get(replica)
             if bit is None:
                 return
-            blocks, dups = self._blocks[replica], self._dups[replica]
+            blocks, dups, prov = self._blocks[replica], self._dups[replica], self._provisional[replica]
             for h in hashes:
                 extra = dups.get(h)
                 if extra:
@@ -138,17 +146,30 @@ class KVBlockIndex:
                         dups[h] = extra - 1
                 elif h in blocks:
                     blocks.discard(h)
-                    self._drop_holder_locked(h, bit)
+                    if h not in prov:
+                        self._drop_holder_locked(h, bit)
 
     # ----- approximate feed (own decisions) -------------------------------------------------------
     def record_decision(self, replica: ReplicaKey, hashes: Sequence[BlockHash], now: float) -> None:
-        """Assume `replica` now caches `hashes` until `now + approx_ttl_s` (approximate replicas only)."""
+        """The router sent a request with block chain `hashes` to `replica`. Approximate replicas: assume
+        them cached until `now + approx_ttl_s`. Exact replicas: provisionally until `now + provisional_ttl_s`
+        (the engine's own events confirm or remove them)."""
         with self._lock:
+            bit = self._slot.get(replica)
+            if bit is None:
+                return
+            blocks, holders = self._blocks[replica], self._holders
             table = self._approx.get(replica)
             if table is None:
+                prov = self._provisional[replica]
+                expiry = now + self.provisional_ttl_s
+                for h in hashes:
+                    if h in prov:
+                        prov.move_to_end(h)
+                    elif h not in blocks:
+                        holders[h] = holders.get(h, 0) | bit
+                    prov[h] = expiry
                 return
-            bit = self._slot[replica]
-            blocks, holders = self._blocks[replica], self._holders
             expiry = now + self.approx_ttl_s
             for h in hashes:
                 if h in table:
@@ -164,7 +185,7 @@ class KVBlockIndex:
                 self._drop_holder_locked(h, bit)
 
     def expire(self, now: float) -> int:
-        """Drop approximate blocks whose time is up; returns how many were dropped."""
+        """Drop approximate and provisional blocks whose time is up; returns how many were dropped."""
         dropped = 0
         with self._lock:
             for replica, table in self._approx.items():
@@ -176,6 +197,16 @@ class KVBlockIndex:
                     table.popitem(last=False)
                     blocks.discard(h)
                     self._drop_holder_locked(h, bit)
+                    dropped += 1
+            for replica, prov in self._provisional.items():
+                bit, blocks = self._slot[replica], self._blocks[replica]
+                while prov:
+                    h, expiry = next(iter(prov.items()))
+                    if expiry > now:
+                        break
+                    prov.popitem(last=False)
+                    if h not in blocks:
+                        self._drop_holder_locked(h, bit)
                     dropped += 1
         return dropped
 
@@ -242,7 +273,10 @@ class KVBlockIndex:
         bit = self._slot[replica]
         for h in self._blocks[replica]:
             self._drop_holder_locked(h, bit)
+        for h in self._provisional[replica]:
+            self._drop_holder_locked(h, bit)
         self._blocks[replica] = set()
         self._dups[replica] = {}
+        self._provisional[replica] = OrderedDict()
         if replica in self._approx:
             self._approx[replica] = OrderedDict()

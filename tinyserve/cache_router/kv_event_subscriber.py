@@ -110,14 +110,17 @@ class KVEventSubscriber:
         self._thread.start()
 
     # ----- public, any thread ----------------------------------------------------------------------
-    def add(self, replica: Hashable, endpoint: str, replay_endpoint: str | None, engine_pid: int | None = None) -> None:
-        """Subscribe to a replica's publisher (its index entry becomes exact)."""
+    def add(self, replica: Hashable, endpoint: str, replay_endpoint: str | None, engine_pid: int | None = None,
+            host: str | None = None) -> None:
+        """Subscribe to a replica's publisher (its index entry becomes exact). `host`: the replica's node
+        address, dialled in place of a wildcard endpoint's ``*`` (default 127.0.0.1)."""
         self.index.add_replica(replica, exact=True)
-        self._commands.put(("add", replica, endpoint, replay_endpoint, engine_pid))
+        self._commands.put(("add", replica, endpoint, replay_endpoint, engine_pid, host))
 
-    def update(self, replica: Hashable, endpoint: str, replay_endpoint: str | None, engine_pid: int | None) -> None:
+    def update(self, replica: Hashable, endpoint: str, replay_endpoint: str | None, engine_pid: int | None,
+               host: str | None = None) -> None:
         """New routing stats for a replica: a changed endpoint or engine pid means a restarted engine."""
-        self._commands.put(("update", replica, endpoint, replay_endpoint, engine_pid))
+        self._commands.put(("update", replica, endpoint, replay_endpoint, engine_pid, host))
 
     def remove(self, replica: Hashable) -> None:
         self._commands.put(("remove", replica))
@@ -185,6 +188,17 @@ class KVEventSubscriber:
     def _command(self, cmd: tuple, poller: zmq.Poller, socket_owner: dict) -> None:
         kind, replica = cmd[0], cmd[1]
         old = self._streams.get(replica)
+        if kind == "update" and old is not None and old.endpoint == cmd[2]:
+            if old.engine_pid == cmd[4]:
+                return
+            # Same endpoint, new engine: keep the socket (re-binding a just-closed address can fail), restart
+            # the stream: the new engine numbers its batches from 0.
+            first_pid = old.engine_pid is None
+            old.engine_pid = cmd[4]
+            if not first_pid:  # None → pid is the replica's first stats poll, not a restart
+                old.restarts += 1
+                self._resync(old)
+            return
         if kind == "remove" or (kind == "update" and old is not None and (old.endpoint, old.engine_pid) != (cmd[2], cmd[4])):
             if old is not None:
                 poller.unregister(old.sub)
@@ -200,7 +214,8 @@ class KVEventSubscriber:
             return
         else:
             restarts = 0
-        _, replica, endpoint, replay_endpoint, pid = cmd
+        _, replica, endpoint, replay_endpoint, pid, host = cmd
+        host = host or "127.0.0.1"
         self.index.add_replica(replica, exact=True)
         sub = self._ctx.socket(zmq.SUB)
         sub.setsockopt(zmq.SUBSCRIBE, b"")
@@ -208,14 +223,14 @@ class KVEventSubscriber:
         sub.setsockopt(zmq.LINGER, 0)
         try:
             if publisher_binds(endpoint):
-                sub.connect(dialable(endpoint))
+                sub.connect(dialable(endpoint, host))
             else:  # the engine's PUB connects to this address: the subscriber is the stable (bound) end
                 sub.bind(endpoint)
         except zmq.ZMQError:
             sub.close(linger=0)
             self.index.set_exact(replica, False)  # no stream: learn from decisions instead
             return
-        stream = StreamState(replica, endpoint, dialable(replay_endpoint) if replay_endpoint else None, pid,
+        stream = StreamState(replica, endpoint, dialable(replay_endpoint, host) if replay_endpoint else None, pid,
                              restarts=restarts, sub=sub)
         self._streams[replica] = stream
         socket_owner[sub] = replica

@@ -6,7 +6,9 @@ bounded O(blocks + replicas) work on the loop). Replicas are learnt from their r
 (`RunningReplica.routing_stats`, filled by `TinyServeLLMServer.record_routing_stats`):
 ``kv_events_endpoint``/``kv_events_replay_endpoint`` (subscribed; the replica's index entry is exact),
 ``engine_pid`` (a new pid resyncs), ``block_size``, ``num_running``/``num_waiting``, ``kv`` (``usage``,
-``free_space_scatter``), optional ``healthy``, ``stats_age_s``, ``hash_seed``, ``hash_algo``, ``tokenizer``.
+``free_space_scatter``), optional ``healthy``, ``stats_age_s``, ``hash_seed``, ``hash_algo``, ``tokenizer``,
+``node_ip`` (dialled for a wildcard endpoint ``tcp://*:port``; a concrete ``tcp://127.0.0.1:port`` endpoint
+makes vLLM's PUB connect, so the router binds it and must share the replica's host).
 A replica without an endpoint is tracked approximately from this router's own decisions.
 
 Deployment config (`request_router_config`):
@@ -76,12 +78,14 @@ class QueryAwareRouter(RequestRouter):
         share_slack: float = 4.0,
         approx_ttl_s: float = 120.0,
         unhealthy_stats_age_s: float = 30.0,
+        decision_log: str | None = None,
     ) -> None:
         """Args: `tokenizer` model dir (default: the replicas' routing stats ``tokenizer``); `hash_seed`,
         `hash_algo`, `block_size`: the engine's (default: routing stats, then this process's
         PYTHONHASHSEED, sha256); `cost_weights`: `CostWeights` fields; balance knobs: `RoutingPolicy`;
         `approx_ttl_s`: expiry of decision-learnt blocks; `unhealthy_stats_age_s`: replicas whose engine
-        stats are older are skipped."""
+        stats are older are skipped; `decision_log`: a file to append one JSON line per decision to
+        (diagnostics; written from the worker thread, never the event loop)."""
         self._tokenizer_path = tokenizer
         self._chat_template = chat_template
         self._hash_seed = hash_seed
@@ -100,6 +104,7 @@ class QueryAwareRouter(RequestRouter):
         self._prepared: dict[str, _Prepared] = {}
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tinyserve-router-tokenize")
         self._last_expire = 0.0
+        self._decision_log = open(decision_log, "a", buffering=1) if decision_log else None
         dep = self._deployment_id
         self.metrics = RouterMetrics(deployment=f"{dep.app_name}:{dep.name}" if dep else "")
 
@@ -145,10 +150,11 @@ class QueryAwareRouter(RequestRouter):
                 return
             if self._subscriber is None:
                 self._subscriber = KVEventSubscriber(self._index, root_check=self._root_check)
+            host = stats.get("node_ip")
             if known is None:
-                self._subscriber.add(rid, key[0], key[1], key[2])
+                self._subscriber.add(rid, key[0], key[1], key[2], host)
             else:
-                self._subscriber.update(rid, key[0], key[1], key[2])
+                self._subscriber.update(rid, key[0], key[1], key[2], host)
             self._subscribed[rid] = key
         elif rid not in self._subscribed and rid not in self._index.replicas():
             capacity = (stats.get("kv") or {}).get("num_blocks")
@@ -192,14 +198,12 @@ class QueryAwareRouter(RequestRouter):
         if self._policy is None and self._block_size:
             self._hasher = BlockHasher(self._block_size, algo=self._hash_algo or "sha256", seed=self._hash_seed)
             self._policy = RoutingPolicy(self._index, self._cost, self._block_size, **self._policy_kwargs)
-        if self._tokenizer is None and self._tokenizer_path:
-            self._tokenizer = RequestTokenizer(self._tokenizer_path, self._chat_template)
         return self._policy is not None
 
     def _prepare(self, request: Any, session: str | None) -> _Prepared:
-        """Worker thread: tokenize and hash."""
-        if self._tokenizer is None:
-            self._ensure_ready()
+        """Worker thread: tokenize (loading the tokenizer the first time) and hash."""
+        if self._tokenizer is None and self._tokenizer_path:
+            self._tokenizer = RequestTokenizer(self._tokenizer_path, self._chat_template)
         tokens = self._tokenizer.token_ids(request) if self._tokenizer is not None else None
         if not tokens:
             return _Prepared([], 0, session)
@@ -238,10 +242,28 @@ class QueryAwareRouter(RequestRouter):
         decision = self._policy.choose(list(by_id), loads, prep.chain, prep.prompt_tokens, now, prep.session)
         prep.decision = decision
         self.metrics.on_decision(time.perf_counter() - t0)
+        if self._decision_log is not None:
+            self._worker.submit(self._log_decision, rid, prep, decision, candidate_replicas)
         ranked = [by_id[k] for k in decision.ranked]
         if not ranked:
             return []
         return [ranked[:1], ranked[1:3], ranked[3:]] if len(ranked) > 3 else [[r] for r in ranked]
+
+    def _log_decision(self, rid: str, prep: _Prepared, decision: Any, candidates: list[RunningReplica]) -> None:
+        import json
+
+        line = {
+            "t": time.time(), "request": rid, "prompt_tokens": prep.prompt_tokens, "chain_blocks": len(prep.chain),
+            "session": prep.session, "ranked": [str(k.unique_id) for k in decision.ranked],
+            "prefix_blocks": {str(k.unique_id): v for k, v in decision.prefix_blocks.items()},
+            "spilled": decision.spilled, "by_session": decision.by_session,
+            "exact": {str(r.replica_id.unique_id): self._index.is_exact(r.replica_id) for r in candidates},
+            "index_blocks": {str(r.replica_id.unique_id): self._index.num_blocks(r.replica_id) for r in candidates},
+            "streams": {str(k.unique_id): [s.batches, s.resyncs, s.hash_checks, s.hash_mismatches, s.complete]
+                        for k, s in (self._subscriber.streams().items() if self._subscriber else [])},
+            "stats_keys": {str(r.replica_id.unique_id): sorted((r.routing_stats or {}).keys()) for r in candidates},
+        }
+        self._decision_log.write(json.dumps(line) + "\n")
 
     def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID, result: ReplicaResult) -> None:
         rid = pending_request.metadata.internal_request_id
