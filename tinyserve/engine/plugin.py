@@ -38,6 +38,9 @@ def register() -> None:
     settings = EngineSettings.from_env()
     if not settings.enabled:
         return
+    from tinyserve.engine.vllm_compat import apply as apply_vllm_shims
+
+    apply_vllm_shims()
     from tinyserve.engine.stats_channel import install_stats_channel
 
     install_stats_channel(settings)
