@@ -84,6 +84,7 @@ class _Live:
     request: Any
     spec: TraceRequest
     generated: int = 0
+    hit_blocks: int = 0  # blocks found in the prefix cache at its (latest) admission
 
 
 @dataclass
@@ -103,6 +104,8 @@ class KVDriver:
     max_num_seqs: int = 64
     token_budget: int = 4096
     on_step: Callable[["KVDriver"], None] | None = None
+    # called with (driver, request id, block ids, prefix-hit blocks) just before a finished request is freed
+    on_finish: Callable[["KVDriver", str, list[int], int], None] | None = None
     waiting: deque = field(default_factory=deque)
     running: list = field(default_factory=list)
     finished: int = 0
@@ -172,6 +175,7 @@ class KVDriver:
             self.prefix_query_tokens += request.num_tokens
             self.prefix_hit_tokens += num_hit
             self.waiting.popleft()
+            live.hit_blocks = num_hit // self.block_size
             request.status = RequestStatus.RUNNING
             self.running.append(live)
             scheduled.append((live, new_tokens))
@@ -185,6 +189,9 @@ class KVDriver:
                 if live.generated >= live.spec.output_len:
                     from vllm.v1.request import RequestStatus
 
+                    if self.on_finish is not None:
+                        table = manager.coordinator.single_type_managers[0].req_to_blocks.get(request.request_id, [])
+                        self.on_finish(self, live.spec.request_id, [b.block_id for b in table], live.hit_blocks)
                     self.running.remove(live)
                     request.status = RequestStatus.FINISHED_STOPPED
                     manager.free(request)

@@ -1,8 +1,12 @@
 """TinyServe's block pool for vLLM 0.29, and the hook that puts it in place of vLLM's.
 
 `BestFitBlockPool` subclasses vLLM's `BlockPool`: same interface, same prefix-caching semantics (block
-hashes, `BlockStored`/`BlockRemoved` events, eviction of cached blocks only when no empty block is left),
-same free count. What changes is *which* free block an allocation gets:
+hashes, lookups, `BlockStored`/`BlockRemoved` events for every cache entry added or dropped), same free
+count, so the scheduler admits and preempts exactly as with vLLM's pool. What changes is *which* free
+block an allocation gets — and therefore which cached blocks get evicted: vLLM reuses empty blocks first
+and then evicts in LRU order; TinyServe may reuse an old cached block that never served a hit while
+empty blocks remain elsewhere (more evictions, see the benchmark), and protects recently freed and
+once-hit cached blocks until nothing else is left:
 
 1. a request that owns a growth reservation takes the blocks right after its last block;
 2. else it extends its own run when the block after its last block starts a free run;
@@ -126,6 +130,29 @@ class BestFitBlockPool(BlockPool):
     def get_new_blocks(self, num_blocks: int) -> list[KVCacheBlock]:
         if num_blocks > self._num_free:
             raise ValueError(f"Cannot get {num_blocks} free blocks from the pool")
+        request = self._request
+        if num_blocks == 1 and request is not None and not self.metrics_collector:
+            # Fast path of decode growth: the next block of the request's own reservation.
+            rid = request.request_id
+            span = self._reservations.get(rid)
+            if span is not None:
+                block_id = span[0]
+                if block_id == self._tails.get(rid, -2) + 1:
+                    self._reserved_mask[block_id] = 0
+                    if block_id + 1 == span[1]:
+                        del self._reservations[rid]
+                    else:
+                        span[0] = block_id + 1
+                    block = self.blocks[block_id]
+                    self._free_mask[block_id] = 0
+                    self._num_free -= 1
+                    if block.block_hash is not None:
+                        self._uncache_free(block)
+                        self._maybe_evict_cached_block(block)
+                    self._tails[rid] = block_id
+                    self._held[rid] += 1
+                    block.ref_cnt = 1
+                    return [block]
         blocks = self.blocks
         metrics = self.metrics_collector
         ret = [blocks[i] for i in self._take(num_blocks)]
@@ -155,10 +182,17 @@ class BestFitBlockPool(BlockPool):
             self._held[rid] = self._held.get(rid, 0) + len(blocks)
 
     def free_blocks(self, ordered_blocks: Iterable[KVCacheBlock]) -> None:
+        empty_ids: list[int] = []
+        cached: list[KVCacheBlock] = []
         for block in ordered_blocks:
             block.ref_cnt -= 1
             if block.ref_cnt == 0 and not block.is_null:
-                self._release(block)
+                if block.block_hash is None:
+                    empty_ids.append(block.block_id)
+                else:
+                    cached.append(block)
+        if empty_ids or cached:
+            self._release_many(empty_ids, cached)
 
     def evict_blocks(self, block_ids: set[int]) -> None:
         for block_id in block_ids:
@@ -199,18 +233,26 @@ class BestFitBlockPool(BlockPool):
                 node = node.next_free_block
         return out
 
-    def _cache_free(self, block: KVCacheBlock) -> None:
-        """A cached block became free: it joins the young end; the oldest young ones age out."""
-        self._young.append(block)
-        self._age[block.block_id] = 1
+    def _age_out(self) -> None:
+        """Move the oldest young cached blocks to the old end until young is its share again; old unhit
+        ones become placeable."""
         young, old = self._young, self._old
-        limit = self.settings.cache_young_fraction * (young.num_free_blocks + old.num_free_blocks)
-        while young.num_free_blocks > limit:
-            aged = young.popleft()
-            old.append(aged)
-            self._age[aged.block_id] = 2
-            if not self._hits[aged.block_id] and not self._reserved_mask[aged.block_id]:
-                self._runs.add(aged.block_id)
+        excess = young.num_free_blocks - int(
+            self.settings.cache_young_fraction * (young.num_free_blocks + old.num_free_blocks)
+        )
+        if excess <= 0:
+            return
+        aged = young.popleft_n(excess)
+        old.append_n(aged)
+        age, hits, reserved = self._age, self._hits, self._reserved_mask
+        placeable = []
+        for block in aged:
+            block_id = block.block_id
+            age[block_id] = 2
+            if not hits[block_id] and not reserved[block_id]:
+                placeable.append(block_id)
+        if placeable:
+            self._runs.add_many(placeable)
 
     def _uncache_free(self, block: KVCacheBlock) -> None:
         age = self._age[block.block_id]
@@ -223,16 +265,32 @@ class BestFitBlockPool(BlockPool):
 
     def _release(self, block: KVCacheBlock) -> None:
         """A block whose last reference went away becomes free (cached blocks stay findable)."""
-        block_id = block.block_id
-        self._free_mask[block_id] = 1
-        self._num_free += 1
-        if block.block_hash is not None:
-            if not self.enable_caching:
+        if block.block_hash is None:
+            self._release_many([block.block_id], [])
+        else:
+            self._release_many([], [block])
+
+    def _release_many(self, empty_ids: list[int], cached: list[KVCacheBlock]) -> None:
+        """Free blocks: empty ones become placeable (merged into runs), cached ones join the young end
+        of the LRU order (oldest young ones age out)."""
+        if cached and not self.enable_caching:
+            for block in cached:
                 self._maybe_evict_cached_block(block)
-            else:
-                self._cache_free(block)  # young: protected until it ages out
-                return
-        self._runs.add(block_id)
+                empty_ids.append(block.block_id)
+            cached = []
+        free_mask = self._free_mask
+        self._num_free += len(empty_ids) + len(cached)
+        for block_id in empty_ids:
+            free_mask[block_id] = 1
+        if empty_ids:
+            self._runs.add_many(empty_ids)
+        if cached:
+            age = self._age
+            for block in cached:
+                free_mask[block.block_id] = 1
+                age[block.block_id] = 1
+            self._young.append_n(cached)
+            self._age_out()
 
     def _claim(self, block_id: int) -> None:
         """Mark a free block allocated; it must already be out of `_runs` and unreserved. Evicts its
@@ -283,9 +341,11 @@ class BestFitBlockPool(BlockPool):
     def _drop_reservation(self, rid: str | None) -> None:
         span = self._reservations.pop(rid, None) if rid is not None else None
         if span is not None:
-            for block_id in range(*span):
-                self._reserved_mask[block_id] = 0
-                self._return_to_runs(block_id)
+            nxt, end = span
+            self._reserved_mask[nxt:end] = bytes(end - nxt)
+            placeable = [i for i in range(nxt, end) if self._placeable(i)]
+            if placeable:
+                self._runs.add_many(placeable)
 
     # ---- placement -----------------------------------------------------------------------------
 

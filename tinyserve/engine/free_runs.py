@@ -129,6 +129,34 @@ class FreeRuns:
         self.num_free += end - start
         self.num_runs += 1
 
+    def add_run(self, start: int, end: int) -> None:
+        """Add [start, end), none of whose ids is a member, merging with neighbouring runs."""
+        member = self._member
+        left = start > 0 and member[start - 1]
+        right = end < self.num_blocks and member[end]
+        run_start, run_end = start, end
+        if left:
+            run_start = self._start[start - 1]
+            self._file_out(run_start, start)
+        if right:
+            run_end = self._end[end]
+            self._file_out(end, run_end)
+        self._file_in(run_start, run_end)
+        member[start:end] = b"\x01" * (end - start)
+        self.num_free += end - start
+        self.num_runs += 1 - left - right
+
+    def add_many(self, block_ids: list[int]) -> None:
+        """Add distinct non-members (any order; sorted in place), one merge per consecutive stretch."""
+        block_ids.sort()
+        start = previous = block_ids[0]
+        for block_id in block_ids:
+            if block_id > previous + 1:
+                self.add_run(start, previous + 1)
+                start = block_id
+            previous = block_id
+        self.add_run(start, previous + 1)
+
     def take_prefix(self, start: int, num: int) -> None:
         """Remove the first `num` blocks of the run that starts at `start` (num <= its length)."""
         end = self._end[start]

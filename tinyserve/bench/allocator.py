@@ -1,0 +1,414 @@
+"""`tinyserve bench allocator`: vLLM's stock BlockPool vs TinyServe's BestFitBlockPool, in one run.
+
+1. Trace replay: one seeded chat-like trace (Poisson arrivals, shared system prompts, log-uniform prompt
+   and output lengths) replayed through vLLM's real KVCacheManager over each pool (`kv_trace.KVDriver`),
+   at a moderate and a high KV load. Per pool: runs per finished request (mean, p99; also counting only
+   the blocks the request allocated itself, i.e. after its prefix-cache hit), free runs, largest free run,
+   scatter, token-slot utilisation, effective capacity, evictions, prefix hit rate (tokens), preemptions.
+2. Cost per operation: µs per allocated block and per freed block at 10k and 1M blocks, steady state
+   (256 live sequences growing one block at a time, finished ones freed with cached hashes, so eviction
+   runs too); TinyServe's timing includes telling the pool which request allocates.
+3. What contiguity buys: each finished request's KV gathered into one buffer, as an offload or a transfer
+   would, by runs (one copy per run) and block by block, on CPU: copy calls per request and GB/s.
+
+Writes benchmarks/results/allocator-<date>.json and .png (scatter and runs per running request over time).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import random
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = ["main", "replay", "op_cost", "offload_copy"]
+
+RESULTS = Path("benchmarks/results")
+
+
+def _progress(message: str) -> None:
+    print(f"[allocator] {message}", file=sys.stderr, flush=True)
+
+
+def _use_pool(ours: bool) -> None:
+    from tinyserve.engine.block_pool import install_block_pool, uninstall_block_pool
+    from tinyserve.engine.settings import AllocatorSettings
+
+    uninstall_block_pool()
+    if ours:
+        install_block_pool(AllocatorSettings())
+
+
+def _count_stock_evictions(pool: Any) -> list[int]:
+    """Count cached blocks the stock pool evicts (TinyServe's pool counts its own)."""
+    counter = [0]
+    original = pool._maybe_evict_cached_block
+
+    def counting(block: Any) -> bool:
+        evicted = original(block)
+        counter[0] += evicted
+        return evicted
+
+    pool._maybe_evict_cached_block = counting
+    return counter
+
+
+def replay(trace: list, *, ours: bool, num_blocks: int, block_size: int, sample_every: int) -> dict[str, Any]:
+    """Replay `trace` through a real KVCacheManager over one pool; summary and time series."""
+    from tinyserve.bench.kv_trace import KVDriver, make_kv_manager
+    from tinyserve.engine.fragmentation import count_runs, kv_snapshot, pool_free_mask
+
+    _use_pool(ours)
+    manager = make_kv_manager(num_blocks, block_size)
+    pool = manager.block_pool
+    stock_evictions = None if ours else _count_stock_evictions(pool)
+    finished_runs: list[int] = []
+    finished_own_runs: list[int] = []
+    finished_blocks: list[int] = []
+    tables: list[list[int]] = []
+    series: list[dict[str, float]] = []
+
+    def on_finish(driver: Any, rid: str, table: list[int], hit_blocks: int) -> None:
+        finished_runs.append(count_runs(table))
+        finished_own_runs.append(count_runs(table[hit_blocks:]))
+        finished_blocks.append(len(table))
+        tables.append(table)
+
+    def on_step(driver: Any) -> None:
+        if driver.steps % sample_every:
+            return
+        snap = kv_snapshot(
+            num_blocks=num_blocks,
+            block_size=block_size,
+            free_mask=pool_free_mask(pool),
+            block_tables=driver.block_tables(),
+            tokens_held=driver.tokens_held(),
+        )
+        snap["step"] = driver.steps
+        series.append(snap)
+
+    driver = KVDriver(manager, block_size, on_step=on_step, on_finish=on_finish)
+    started = time.perf_counter()
+    driver.run(trace)
+    elapsed = time.perf_counter() - started
+    loaded = [s for s in series if s["runs_per_request_mean"] > 0]
+
+    def mean(key: str) -> float:
+        return float(np.mean([s[key] for s in loaded])) if loaded else 0.0
+
+    evictions = pool.counters["evictions_total"] if ours else stock_evictions[0]  # type: ignore[index]
+    summary = {
+        "pool": type(pool).__name__,
+        "requests_finished": driver.finished,
+        "steps": driver.steps,
+        "preemptions": driver.preemptions,
+        "runs_per_request_mean": float(np.mean(finished_runs)),
+        "runs_per_request_p99": float(np.percentile(finished_runs, 99)),
+        "own_runs_per_request_mean": float(np.mean(finished_own_runs)),
+        "own_runs_per_request_p99": float(np.percentile(finished_own_runs, 99)),
+        "blocks_per_request_mean": float(np.mean(finished_blocks)),
+        "free_runs_mean": mean("free_runs"),
+        "largest_free_run_mean": mean("largest_free_run"),
+        "free_space_scatter_mean": mean("free_space_scatter"),
+        "token_slot_utilisation_mean": mean("token_slot_utilisation"),
+        "effective_capacity_mean": mean("effective_capacity"),
+        "usage_mean": mean("usage"),
+        "evictions": int(evictions),
+        "prefix_hit_rate": driver.prefix_hit_tokens / max(driver.prefix_query_tokens, 1),
+        "replay_seconds": elapsed,
+    }
+    timeline = {k: [s[k] for s in series] for k in ("step", "free_space_scatter", "runs_per_request_mean", "usage")}
+    return {"summary": summary, "timeline": timeline, "tables": tables}
+
+
+class _FakeRequest:
+    """What the pool reads from a vLLM Request when it places blocks."""
+
+    __slots__ = ("request_id", "num_prompt_tokens", "max_tokens", "num_output_tokens", "status")
+
+    def __init__(self, request_id: str, prompt_tokens: int, max_tokens: int) -> None:
+        self.request_id = request_id
+        self.num_prompt_tokens = prompt_tokens
+        self.max_tokens = max_tokens
+        self.num_output_tokens = 0
+
+    def is_finished(self) -> bool:
+        return True
+
+
+class _CostRunner:
+    """One pool in the steady state of `op_cost`: sequences of U(10, 2*mean-10) blocks fill 70% of the
+    pool (untimed warm-up, random progress); then, round robin, each operation grows one sequence by a
+    block, or frees a sequence that reached its length (half its blocks carrying prefix hashes, so they
+    are cached and later evicted) and starts a new one in its place."""
+
+    def __init__(self, *, ours: bool, num_blocks: int, seed: int, mean_blocks: int = 40) -> None:
+        from vllm.v1.core.block_pool import BlockPool
+
+        from tinyserve.engine.block_pool import BestFitBlockPool
+
+        self.ours = ours
+        self.rng = random.Random(seed)
+        self.mean_blocks = mean_blocks
+        self.pool = (BestFitBlockPool if ours else BlockPool)(num_blocks, True, 32)
+        self.live = max(1, int(0.7 * num_blocks / mean_blocks))
+        self.serial = 0
+        self.op = 0
+        self.sequences = [self._new_sequence() for _ in range(self.live)]
+        for sequence in self.sequences:
+            for _ in range(self.rng.randint(0, sequence[2] - 1)):
+                self._grow(sequence)
+
+    def _new_sequence(self) -> list[Any]:
+        length = self.rng.randint(10, 2 * self.mean_blocks - 10)
+        self.serial += 1
+        return [_FakeRequest(f"s{self.serial}", 32 * (length // 2), 32 * (length - length // 2)), [], length]
+
+    def _grow(self, sequence: list[Any]) -> None:
+        pool = self.pool
+        if self.ours:
+            pool.begin_request(sequence[0])
+            sequence[1].extend(pool.get_new_blocks(1))
+            pool.end_request()
+        else:
+            sequence[1].extend(pool.get_new_blocks(1))
+
+    def run(self, ops: int) -> dict[str, float]:
+        from vllm.v1.core.kv_cache_utils import BlockHash, make_block_hash_with_group_id
+
+        pool, perf = self.pool, time.perf_counter
+        alloc_time = free_time = 0.0
+        allocated = freed = 0
+        for _ in range(ops):
+            index = self.op % self.live
+            self.op += 1
+            sequence = self.sequences[index]
+            if len(sequence[1]) < sequence[2] and pool.get_num_free_blocks() > 0:
+                t0 = perf()
+                self._grow(sequence)
+                alloc_time += perf() - t0
+                allocated += 1
+            else:
+                for block in sequence[1][: len(sequence[1]) // 2]:
+                    self.serial += 1
+                    key = make_block_hash_with_group_id(BlockHash(self.serial.to_bytes(8, "little")), 0)
+                    pool._insert_block_hash(key, block, None)
+                t0 = perf()
+                pool.free_blocks(reversed(sequence[1]))
+                if self.ours:
+                    pool.forget_request(sequence[0].request_id)
+                free_time += perf() - t0
+                freed += len(sequence[1])
+                self.sequences[index] = self._new_sequence()
+        return {
+            "us_per_allocated_block": 1e6 * alloc_time / max(allocated, 1),
+            "us_per_freed_block": 1e6 * free_time / max(freed, 1),
+        }
+
+
+def op_cost(*, num_blocks: int, ops: int, seed: int, repeats: int = 3) -> dict[str, dict[str, float]]:
+    """µs per allocated and per freed block for both pools at `num_blocks`, measured in alternation
+    (`repeats` rounds of ops/repeats operations each), best round per pool (the machine is shared)."""
+    runners = {"vllm": _CostRunner(ours=False, num_blocks=num_blocks, seed=seed),
+               "tinyserve": _CostRunner(ours=True, num_blocks=num_blocks, seed=seed)}
+    best: dict[str, dict[str, float]] = {name: {} for name in runners}
+    for _ in range(repeats):
+        for name, runner in runners.items():
+            result = runner.run(ops // repeats)
+            for key, value in result.items():
+                best[name][key] = min(best[name].get(key, float("inf")), value)
+    for name, runner in runners.items():
+        best[name].update(num_blocks=num_blocks, live_sequences=runner.live)
+    return best
+
+
+def offload_copy(tables: list[list[int]], *, num_blocks: int, block_bytes: int, limit: int) -> dict[str, float]:
+    """Gather each request's blocks into one buffer, by runs and block by block (CPU, torch)."""
+    import torch
+
+    from tinyserve.engine.fragmentation import count_runs
+
+    elems = block_bytes // 2
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # one memcpy stream: calls, not thread start-up, are what differ
+    cache = torch.randn(num_blocks, elems, dtype=torch.float32).to(torch.float16)
+    chosen = [t for t in tables if t][:limit]
+    staging = torch.zeros(max(len(t) for t in chosen), elems, dtype=torch.float16)  # touched: no page faults
+
+    def by_runs(table: list[int]) -> int:
+        calls, offset, index = 0, 0, 0
+        while index < len(table):
+            end = index + 1
+            while end < len(table) and table[end] == table[end - 1] + 1:
+                end += 1
+            start_block = table[index]
+            staging[offset : offset + end - index].copy_(cache[start_block : start_block + end - index])
+            offset += end - index
+            index = end
+            calls += 1
+        return calls
+
+    def by_blocks(table: list[int]) -> int:
+        for offset, block_id in enumerate(table):
+            staging[offset].copy_(cache[block_id])
+        return len(table)
+
+    result: dict[str, float] = {"requests": len(chosen), "block_bytes": block_bytes}
+    total_bytes = sum(len(t) for t in chosen) * block_bytes
+    for table in chosen:  # warm-up pass
+        by_runs(table)
+        by_blocks(table)
+    for name, fn in (("by_runs", by_runs), ("by_blocks", by_blocks)):
+        elapsed = float("inf")
+        for _ in range(3):  # best of three
+            started = time.perf_counter()
+            calls = sum(fn(t) for t in chosen)
+            elapsed = min(elapsed, time.perf_counter() - started)
+        result[f"{name}_copy_calls_per_request"] = calls / len(chosen)
+        result[f"{name}_gb_per_s"] = total_bytes / elapsed / 1e9
+    result["runs_per_request"] = float(np.mean([count_runs(t) for t in chosen]))
+    torch.set_num_threads(threads)
+    return result
+
+
+def _machine() -> dict[str, Any]:
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--", "tinyserve"], capture_output=True, text=True).stdout.strip())
+    except (OSError, subprocess.CalledProcessError):
+        commit, dirty = "unknown", False
+    return {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "python": platform.python_version(),
+        "commit": commit,
+        "tinyserve_tree_dirty": dirty,
+        "card": None,
+    }
+
+
+def _plot(loads: dict[str, dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(len(loads), 2, figsize=(12, 4 * len(loads)), squeeze=False)
+    for row, (load, pools) in enumerate(loads.items()):
+        for name, result in pools.items():
+            timeline = result["timeline"]
+            axes[row][0].plot(timeline["step"], timeline["free_space_scatter"], label=name)
+            axes[row][1].plot(timeline["step"], timeline["runs_per_request_mean"], label=name)
+        axes[row][0].set_title(f"{load}: free-space scatter (1 - largest free run / free blocks)")
+        axes[row][1].set_title(f"{load}: runs per running request")
+        for ax in axes[row]:
+            ax.set_xlabel("scheduler step")
+            ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _table(rows: list[tuple[str, ...]]) -> str:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="tinyserve bench allocator", description=__doc__.splitlines()[0])
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--requests", type=int, default=400)
+    parser.add_argument("--block-size", type=int, default=32)
+    parser.add_argument("--ops", type=int, default=200_000, help="operations per cost measurement")
+    parser.add_argument("--big-blocks", type=int, default=1_000_000)
+    parser.add_argument("--out-dir", type=Path, default=RESULTS)
+    parser.add_argument("--quick", action="store_true", help="small run for tests")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.requests, args.ops, args.big_blocks = 60, 20_000, 20_000
+
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+    from tinyserve.bench.kv_trace import make_trace
+    from tinyserve.engine.block_pool import uninstall_block_pool
+
+    trace = make_trace(seed=args.seed, num_requests=args.requests)
+    # moderate: the trace peaks near a third of the pool; high: about two thirds, with preemptions
+    loads_cfg = {"moderate": 2000, "high": 1000}
+    loads: dict[str, dict[str, Any]] = {}
+    for load, num_blocks in loads_cfg.items():
+        loads[load] = {}
+        for name, ours in (("vllm", False), ("tinyserve", True)):
+            _progress(f"replay {load} load ({num_blocks} blocks) through {name} pool ...")
+            loads[load][name] = replay(trace, ours=ours, num_blocks=num_blocks, block_size=args.block_size, sample_every=5)
+    costs: dict[str, list[dict[str, float]]] = {"vllm": [], "tinyserve": []}
+    for num_blocks in (10_000, args.big_blocks):
+        _progress(f"cost per operation at {num_blocks} blocks, both pools in alternation ...")
+        measured = op_cost(num_blocks=num_blocks, ops=args.ops, seed=args.seed)
+        for name in costs:
+            costs[name].append(measured[name])
+    uninstall_block_pool()
+    _progress("offload copy by runs vs block by block ...")
+    block_bytes = 32 * 4 * 64 * 2 * 2  # 32 tokens x 4 KV heads x 64 dims x (K, V) x fp16: one layer
+    copies = {
+        name: offload_copy(loads["moderate"][name]["tables"], num_blocks=loads_cfg["moderate"], block_bytes=block_bytes, limit=200)
+        for name in ("vllm", "tinyserve")
+    }
+
+    rows = [("metric", *(f"{load}:{name}" for load in loads for name in loads[load]))]
+    for key in ("runs_per_request_mean", "runs_per_request_p99", "own_runs_per_request_mean", "own_runs_per_request_p99",
+                "blocks_per_request_mean", "free_runs_mean", "largest_free_run_mean", "free_space_scatter_mean",
+                "token_slot_utilisation_mean", "effective_capacity_mean", "usage_mean", "evictions", "prefix_hit_rate",
+                "preemptions", "steps"):
+        rows.append((key, *(f"{loads[l][n]['summary'][key]:.4g}" for l in loads for n in loads[l])))
+    print(_table(rows))
+    print()
+    cost_rows = [("blocks", "vllm µs/alloc", "tinyserve µs/alloc", "ratio", "vllm µs/free", "tinyserve µs/free", "ratio")]
+    for stock, ours_cost in zip(costs["vllm"], costs["tinyserve"]):
+        cost_rows.append((
+            str(stock["num_blocks"]),
+            f"{stock['us_per_allocated_block']:.2f}", f"{ours_cost['us_per_allocated_block']:.2f}",
+            f"{ours_cost['us_per_allocated_block'] / stock['us_per_allocated_block']:.2f}x",
+            f"{stock['us_per_freed_block']:.2f}", f"{ours_cost['us_per_freed_block']:.2f}",
+            f"{ours_cost['us_per_freed_block'] / stock['us_per_freed_block']:.2f}x",
+        ))
+    print(_table(cost_rows))
+    print()
+    copy_rows = [("offload (moderate load)", "runs/request", "copy calls by runs", "GB/s by runs", "copy calls by blocks", "GB/s by blocks")]
+    for name, c in copies.items():
+        copy_rows.append((name, f"{c['runs_per_request']:.2f}", f"{c['by_runs_copy_calls_per_request']:.2f}",
+                          f"{c['by_runs_gb_per_s']:.2f}", f"{c['by_blocks_copy_calls_per_request']:.2f}", f"{c['by_blocks_gb_per_s']:.2f}"))
+    print(_table(copy_rows))
+
+    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H%M%SZ")
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    stem = args.out_dir / f"allocator-{'quick-' if args.quick else ''}{stamp}"
+    report = {
+        "benchmark": "allocator",
+        "machine": _machine(),
+        "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "baseline": "vLLM 0.29 BlockPool (stock), same trace, same process, same run",
+        "trace": {"requests": len(trace), "seed": args.seed, "block_size": args.block_size},
+        "replay": {load: {name: r["summary"] for name, r in pools.items()} for load, pools in loads.items()},
+        "replay_pool_blocks": loads_cfg,
+        "timeline": {load: {name: r["timeline"] for name, r in pools.items()} for load, pools in loads.items()},
+        "op_cost": costs,
+        "offload_copy_cpu": copies,
+    }
+    stem.with_suffix(".json").write_text(json.dumps(report, indent=1))
+    _plot(loads, stem.with_suffix(".png"))
+    _progress(f"wrote {stem}.json and .png")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
