@@ -209,7 +209,7 @@ def test_bench_reference_sweep_reports_exact_full_budget_and_needle_recall():
     from tinyserve.bench.selection import reference_sweep
 
     rows = reference_sweep([1024], [1 / 8, 1.0], trials=1, progress=lambda *_: None)
-    assert {(r["inputs"], r["budget_fraction"]) for r in rows} == {(k, f) for k in ("random", "needle")
+    assert {(r["inputs"], r["budget_fraction"]) for r in rows} == {(k, f) for k in ("random", "clustered", "needle")
                                                                    for f in (1 / 8, 1.0)}
     for r in rows:
         if r["budget_fraction"] == 1.0:

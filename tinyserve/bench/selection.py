@@ -3,8 +3,10 @@
 Part 1, reference level (tinyserve.kernels.reference, fp32, the small model's attention shape: 8 query heads,
 4 KV heads, head_dim 64, block size 32): for contexts 2k..32k and budgets 1/32..1 of the context, the relative
 error ||out - dense|| / ||dense|| of decode attention over the selected pages, on random keys and on keys with
-a planted needle (one key per KV head made to dominate its queries), and the needle recall (share of trials
-whose needle page was selected), and the share of the dense attention mass that falls on the selected pages. Both the selection the engine uses (shared by the KV heads of a request) and
+a planted needle (one key per KV head made to dominate its queries) and on "clustered" keys (each page's keys
+share a random page direction plus noise: the locality real keys have and isotropic random keys lack), the needle
+recall (share of trials whose needle page was selected), and the share of the dense attention mass that falls on
+the selected pages. Both the selection the engine uses (shared by the KV heads of a request) and
 per-KV-head selection (the reference's `query_aware_decode`) are measured. Dense attention is the baseline,
 computed in the same run.
 
@@ -49,9 +51,11 @@ def _machine() -> dict[str, Any]:
 
 
 NEEDLE_STRENGTH = 1.0   # needle key = strength x (sum of its KV head's queries): ~half the attention at 2k
+CLUSTER_SPREAD = 1.0    # clustered keys: page direction ~ N(0, 1) per channel, plus N(0, 0.5^2) token noise
+INPUT_KINDS = ("random", "clustered", "needle")
 
 
-def _case(ctx: int, seed: int, needle: bool):
+def _case(ctx: int, seed: int, kind: str):
     """One decode problem: paged K/V (shuffled blocks), its page metadata, a query, the needle page or None."""
     import torch
 
@@ -62,11 +66,14 @@ def _case(ctx: int, seed: int, needle: bool):
     nb = npages + 1
     kc = torch.randn(nb, BLOCK_SIZE, HKV, HEAD_DIM, generator=g)
     vc = torch.randn(nb, BLOCK_SIZE, HKV, HEAD_DIM, generator=g)
+    if kind == "clustered":
+        centre = CLUSTER_SPREAD * torch.randn(nb, 1, HKV, HEAD_DIM, generator=g)
+        kc = centre + 0.5 * kc
     q = torch.randn(1, HQ, HEAD_DIM, generator=g)
     bt = torch.randperm(nb, generator=g)[:npages].int().view(1, -1)
     sl = torch.tensor([ctx], dtype=torch.int32)
     page = None
-    if needle:
+    if kind == "needle":
         page = int(torch.randint(1, max(npages - 1, 2), (1,), generator=g))
         off = int(torch.randint(0, BLOCK_SIZE, (1,), generator=g))
         group = HQ // HKV
@@ -92,7 +99,7 @@ def _dense_page_mass(q, kc, bt, ctx: int, scale: float):
 
 def reference_sweep(contexts: list[int], fractions: list[float], trials: int,
                     progress=print) -> list[dict[str, Any]]:
-    """Error and needle recall vs budget, shared-by-heads and per-head selection, on random and needle keys."""
+    """Error, attention mass and needle recall vs budget, shared-by-heads and per-head selection, per input kind."""
     import torch
 
     from tinyserve.engine.page_selector import PageSelector
@@ -102,11 +109,11 @@ def reference_sweep(contexts: list[int], fractions: list[float], trials: int,
     scale = HEAD_DIM ** -0.5
     rows = []
     for ctx in contexts:
-        for kind in ("random", "needle"):
+        for kind in INPUT_KINDS:
             acc = {f: {"shared_err": [], "per_head_err": [], "shared_hit": [], "per_head_hit": [], "mass": []}
                    for f in fractions}
             for t in range(trials):
-                q, kc, vc, bt, sl, meta, page = _case(ctx, 7919 * t + ctx, kind == "needle")
+                q, kc, vc, bt, sl, meta, page = _case(ctx, 7919 * t + ctx, kind)
                 dense = ref.paged_decode_attention(q, kc, vc, bt, sl, scale).double()
                 dn = float(dense.norm())
                 probs = _dense_page_mass(q, kc, bt, ctx, scale)                       # [Hq, pages]
@@ -205,9 +212,9 @@ def _plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4.6))
+    fig, axes = plt.subplots(1, 4, figsize=(21, 4.6))
     contexts = sorted({r["context"] for r in rows})
-    for ax, kind in zip(axes[:2], ("random", "needle")):
+    for ax, kind in zip(axes[:3], INPUT_KINDS):
         for ctx in contexts:
             rs = [r for r in rows if r["context"] == ctx and r["inputs"] == kind]
             xs = [r["budget_fraction"] for r in rs]
@@ -220,7 +227,7 @@ def _plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
         ax.set_title(f"{kind} keys")
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7)
-    ax = axes[2]
+    ax = axes[3]
     for ctx in contexts:
         rs = [r for r in rows if r["context"] == ctx and r["inputs"] == "needle"]
         ax.plot([r["budget_fraction"] for r in rs], [r["needle_recall_shared"] for r in rs], "o-",
