@@ -210,6 +210,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--num-cpus", type=int, default=16)
     ap.add_argument("--no-calibrate", action="store_true")
+    ap.add_argument("--allocator", choices=["on", "off"], default="on",
+                    help="TinyServe's block pool in the engines (off: vLLM's stock pool)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="benchmarks/results")
     args = ap.parse_args(argv)
@@ -237,6 +239,7 @@ def main(argv: list[str] | None = None) -> int:
                 "deployment": {"num_replicas": args.replicas},
                 "http": {"port": http_port},
                 "router": {"kind": router, "options": options},
+                "tinyserve": {"allocator": {"enabled": args.allocator == "on"}},
             })
             print(f"== router {router}: deploying {args.replicas} replicas ...", flush=True)
             t0 = time.time()

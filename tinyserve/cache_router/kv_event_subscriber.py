@@ -64,6 +64,7 @@ class StreamState:
     hash_mismatches: int = 0
     last_event_lag_s: float = 0.0
     last_batch_at: float = 0.0
+    subscribed_at: float = 0.0
     sub: Any = field(default=None, repr=False)
 
 
@@ -122,8 +123,9 @@ class KVEventSubscriber:
         """New routing stats for a replica: a changed endpoint or engine pid means a restarted engine."""
         self._commands.put(("update", replica, endpoint, replay_endpoint, engine_pid, host))
 
-    def remove(self, replica: Hashable) -> None:
-        self._commands.put(("remove", replica))
+    def remove(self, replica: Hashable, drop_index: bool = True) -> None:
+        """Unsubscribe; with `drop_index` the replica's blocks leave the index too."""
+        self._commands.put(("remove", replica, drop_index))
 
     def streams(self) -> dict[Hashable, StreamState]:
         """A snapshot (shallow copies) of every stream's state."""
@@ -139,6 +141,13 @@ class KVEventSubscriber:
         """(root blocks checked, mismatches) for a replica's stream."""
         s = self._streams.get(replica)
         return (s.hash_checks, s.hash_mismatches) if s is not None else (0, 0)
+
+    def silent_since(self, replica: Hashable) -> float | None:
+        """When a stream that has never delivered a batch was opened (None once it has delivered one)."""
+        s = self._streams.get(replica)
+        if s is None or s.batches:
+            return None
+        return s.subscribed_at or None
 
     def resyncs(self, replica: Hashable) -> int | None:
         s = self._streams.get(replica)
@@ -206,7 +215,8 @@ class KVEventSubscriber:
                 old.sub.close(linger=0)
                 del self._streams[replica]
             if kind == "remove":
-                self.index.remove_replica(replica)
+                if cmd[2]:
+                    self.index.remove_replica(replica)
                 return
             self.index.clear(replica)
             restarts = old.restarts + 1
@@ -231,7 +241,7 @@ class KVEventSubscriber:
             self.index.set_exact(replica, False)  # no stream: learn from decisions instead
             return
         stream = StreamState(replica, endpoint, dialable(replay_endpoint, host) if replay_endpoint else None, pid,
-                             restarts=restarts, sub=sub)
+                             restarts=restarts, sub=sub, subscribed_at=time.time())
         self._streams[replica] = stream
         socket_owner[sub] = replica
         poller.register(sub, zmq.POLLIN)

@@ -78,13 +78,16 @@ class QueryAwareRouter(RequestRouter):
         share_slack: float = 4.0,
         approx_ttl_s: float = 120.0,
         unhealthy_stats_age_s: float = 30.0,
+        silent_stream_s: float = 15.0,
         decision_log: str | None = None,
     ) -> None:
         """Args: `tokenizer` model dir (default: the replicas' routing stats ``tokenizer``); `hash_seed`,
         `hash_algo`, `block_size`: the engine's (default: routing stats, then this process's
         PYTHONHASHSEED, sha256); `cost_weights`: `CostWeights` fields; balance knobs: `RoutingPolicy`;
         `approx_ttl_s`: expiry of decision-learnt blocks; `unhealthy_stats_age_s`: replicas whose engine
-        stats are older are skipped; `decision_log`: a file to append one JSON line per decision to
+        stats are older are skipped; `silent_stream_s`: a replica whose event stream has delivered nothing
+        this long after this router sent it a request is treated as having no events (approximate mode);
+        `decision_log`: a file to append one JSON line per decision to
         (diagnostics; written from the worker thread, never the event loop)."""
         self._tokenizer_path = tokenizer
         self._chat_template = chat_template
@@ -92,6 +95,8 @@ class QueryAwareRouter(RequestRouter):
         self._hash_algo = hash_algo
         self._block_size = block_size
         self._unhealthy_stats_age_s = unhealthy_stats_age_s
+        self._silent_stream_s = silent_stream_s
+        self._first_routed_at: dict[ReplicaID, float] = {}
         self._cost = CostModel(CostWeights(**(cost_weights or {})))
         self._index = KVBlockIndex(approx_ttl_s=approx_ttl_s)
         self._policy_kwargs = dict(balance_factor=balance_factor, inflight_slack=inflight_slack, share_slack=share_slack)
@@ -101,6 +106,7 @@ class QueryAwareRouter(RequestRouter):
         self._subscriber: KVEventSubscriber | None = None
         self._subscribed: dict[ReplicaID, tuple] = {}
         self._hash_mismatch: set[ReplicaID] = set()
+        self._events_broken: set[ReplicaID] = set()
         self._prepared: dict[str, _Prepared] = {}
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tinyserve-router-tokenize")
         self._last_expire = 0.0
@@ -125,6 +131,9 @@ class QueryAwareRouter(RequestRouter):
         if self._subscriber is not None and rid in self._subscribed:
             self._subscriber.remove(rid)
         self._subscribed.pop(rid, None)
+        self._first_routed_at.pop(rid, None)
+        self._events_broken.discard(rid)
+        self._hash_mismatch.discard(rid)
         self._index.remove_replica(rid)
         if self._policy is not None:
             self._policy.remove_replica(rid)
@@ -146,7 +155,7 @@ class QueryAwareRouter(RequestRouter):
             known = self._subscribed.get(rid)
             if known == key:
                 return
-            if rid in self._hash_mismatch:
+            if rid in self._hash_mismatch or rid in self._events_broken:
                 return
             if self._subscriber is None:
                 self._subscriber = KVEventSubscriber(self._index, root_check=self._root_check)
@@ -174,7 +183,24 @@ class QueryAwareRouter(RequestRouter):
                 "TinyServe router: replica %s publishes block hashes this router cannot reproduce "
                 "(hash seed/algorithm/block size differ); routing it from own decisions.", rid)
             self._hash_mismatch.add(rid)
-            self._subscriber.remove(rid)
+            self._subscriber.remove(rid, drop_index=False)
+            self._subscribed.pop(rid, None)
+            self._index.add_replica(rid, exact=False)
+
+    def _check_stream_alive(self, rid: ReplicaID) -> None:
+        """An engine that served this router's requests publishes BlockStored events; a stream silent long
+        after the first such request is broken (wrong endpoint, firewall): use the approximate index."""
+        now = time.time()
+        first = self._first_routed_at.setdefault(rid, now)
+        silent = self._subscriber.silent_since(rid)
+        if silent is None or rid not in self._subscribed:
+            return
+        if now - max(first, silent) > self._silent_stream_s:
+            logger.warning(
+                "TinyServe router: no KV events from replica %s at %s after %.0f s of traffic; routing it "
+                "from own decisions.", rid, self._subscribed[rid][0], now - max(first, silent))
+            self._events_broken.add(rid)
+            self._subscriber.remove(rid, drop_index=False)
             self._subscribed.pop(rid, None)
             self._index.add_replica(rid, exact=False)
 
@@ -282,6 +308,7 @@ class QueryAwareRouter(RequestRouter):
         if self._subscriber is not None and replica_id in self._subscribed:
             resyncs = self._subscriber.resyncs(replica_id)
             self._check_hash_agreement(replica_id)
+            self._check_stream_alive(replica_id)
         self.metrics.set_replica(replica_id.unique_id, self._index.num_blocks(replica_id), self._lag(replica_id), resyncs)
 
     def _lag(self, replica_id: ReplicaID) -> float | None:
