@@ -116,10 +116,16 @@ async def run_kill_under_load(url: str, victim_pid: int, streams: int, max_token
 
 
 def _llm_replica_pids(deployment_substring: str) -> list[int]:
-    from ray.util.state import list_actors
+    """Process ids of the live Serve replicas whose actor name contains `deployment_substring`."""
+    import ray
 
-    return sorted(a.pid for a in list_actors(filters=[("state", "=", "ALIVE")], limit=10000)
-                  if a.class_name and "ServeReplica" in a.class_name and deployment_substring in (a.name or ""))
+    pids = []
+    for entry in ray.util.list_named_actors(all_namespaces=True):
+        if deployment_substring in entry["name"] and entry["name"].startswith("SERVE_REPLICA"):
+            actor = ray.get_actor(entry["name"], namespace=entry["namespace"])
+            # A Serve replica actor answers `is_allocated` with (pid, actor id, ...) once it runs.
+            pids.append(ray.get(actor.is_allocated.remote(), timeout=60)[0])
+    return sorted(pids)
 
 
 def _build(system: str, config: Any) -> Any:
