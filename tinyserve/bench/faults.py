@@ -200,7 +200,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--replicas", type=int, default=2)
     parser.add_argument("--streams", type=int, default=400)
     parser.add_argument("--max-tokens", type=int, default=64)
-    parser.add_argument("--kill-delay-s", type=float, default=1.0, help="after the first token")
+    parser.add_argument("--kill-delay-s", type=float, default=0.0,
+                        help="seconds after the first token (0: requests the victim holds have not all started)")
     parser.add_argument("--router", default=None, help="TinyServe's router kind (default: the config's)")
     parser.add_argument("--config", default=None, help="TinyServe YAML config (default: the packaged one)")
     parser.add_argument("--model-path", default="models/tinyserve-tiny")
