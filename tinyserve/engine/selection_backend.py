@@ -26,8 +26,9 @@ Counters (see `SelectionCounters`) are summed over workers by `gather_selection_
 The engine core also gets `tinyserve_set_selection(settings_json)`, which swaps the selection settings in
 every worker at run time (same engine, selection on/off or another budget: used by tests and the bench),
 `tinyserve_selection_stats()` (the counters alone, as `tinyserve_stats()["selection"]` carries them),
-and `tinyserve_audit_page_metadata()`, which checks the metadata of every full prefix-cached block against the
-keys read back from the KV cache (max abs error; 0 when exact).
+and `tinyserve_audit_page_metadata()`, which checks the metadata of every full prefix-cached block and of every
+block of the running requests (up to their computed tokens) against the keys read back from the KV cache (max
+abs error; 0 when exact).
 """
 
 from __future__ import annotations
@@ -324,37 +325,60 @@ def _cache_key_layout(layer: Any, num_kv_heads: int, block_size: int, head_dim: 
     return where
 
 
-def _worker_audit_metadata(worker: Any, block_ids: list[int]) -> dict[str, float]:
-    """Compare every layer's metadata of these (full) blocks with the keys read back from its KV cache."""
+def _worker_audit_metadata(worker: Any, blocks: list[tuple[int, int]]) -> dict[str, float]:
+    """Compare every layer's metadata of these `(block, tokens)` with the min/max of the block's first
+    `tokens` keys read back from the KV cache."""
     from vllm.config import get_layers_from_vllm_config
     from vllm.model_executor.layers.attention import Attention
 
     layers = get_layers_from_vllm_config(worker.vllm_config, Attention)
-    ids = torch.tensor(block_ids, dtype=torch.long)
+    by_len: dict[int, list[int]] = {}
+    for block, tokens in blocks:
+        by_len.setdefault(int(tokens), []).append(int(block))
     worst, checked = 0.0, 0
     for name, layer in layers.items():
         meta = page_metadata_store().get(name)
         cache = layer.kv_cache
-        if meta is None or not isinstance(cache, torch.Tensor) or cache.numel() == 0 or ids.numel() == 0:
+        if meta is None or not isinstance(cache, torch.Tensor) or cache.numel() == 0 or not blocks:
             continue
         nb, hkv, bs, two_d = cache.shape
         where = _cache_key_layout(layer, hkv, bs, two_d // 2, cache.dtype).flatten()
-        area = cache.view(nb, hkv, 2 * bs, -1)[ids, :, :bs, :].reshape(ids.numel(), hkv, -1)
-        keys = area[:, :, where].view(ids.numel(), hkv, bs, -1).float()          # [n, Hkv, bs, D]
-        err_min = (keys.amin(dim=2) - meta.key_min[ids].float()).abs().max()
-        err_max = (keys.amax(dim=2) - meta.key_max[ids].float()).abs().max()
-        worst = max(worst, float(err_min), float(err_max))
+        for tokens, ids_list in by_len.items():
+            ids = torch.tensor(ids_list, dtype=torch.long)
+            area = cache.view(nb, hkv, 2 * bs, -1)[ids, :, :bs, :].reshape(ids.numel(), hkv, -1)
+            keys = area[:, :, where].view(ids.numel(), hkv, bs, -1)[:, :, :tokens].float()
+            err_min = (keys.amin(dim=2) - meta.key_min[ids].float()).abs().max()
+            err_max = (keys.amax(dim=2) - meta.key_max[ids].float()).abs().max()
+            worst = max(worst, float(err_min), float(err_max))
         checked += 1
     return {"layers_checked": checked, "max_abs_error": worst}
 
 
 def _engine_core_audit_metadata(engine_core: Any) -> dict[str, float]:
-    """Audit the page metadata of every full, prefix-cached block against the KV cache (exact: error 0)."""
-    pool = engine_core.scheduler.kv_cache_manager.block_pool
-    full = [b.block_id for b in pool.blocks if b.block_hash is not None and not b.is_null]
-    per_worker = engine_core.model_executor.collective_rpc(_worker_audit_metadata, args=(full,))
+    """Audit page metadata against the KV cache: every full prefix-cached block, and every block of the
+    running requests up to their computed tokens (partial pages included). Exact means error 0."""
+    scheduler = engine_core.scheduler
+    manager = scheduler.kv_cache_manager
+    block_size = scheduler.cache_config.block_size
+    tokens_of: dict[int, int] = {}
+    for b in manager.block_pool.blocks:
+        if b.block_hash is not None and not b.is_null:
+            tokens_of[b.block_id] = block_size
+    running = 0
+    for req in list(scheduler.running):
+        ids = manager.get_block_ids(req.request_id)[0]
+        done = int(req.num_computed_tokens)
+        for i, block in enumerate(ids):
+            n = min(block_size, done - i * block_size)
+            if n > 0:
+                tokens_of[block] = max(tokens_of.get(block, 0), n)
+        running += 1
+    blocks = sorted(tokens_of.items())
+    per_worker = engine_core.model_executor.collective_rpc(_worker_audit_metadata, args=(blocks,))
     return {
-        "blocks_checked": len(full),
+        "blocks_checked": len(blocks),
+        "partial_blocks_checked": sum(1 for _, n in blocks if n < block_size),
+        "running_requests": running,
         "layers_checked": min(int(w["layers_checked"]) for w in per_worker),
         "max_abs_error": max(float(w["max_abs_error"]) for w in per_worker),
     }
