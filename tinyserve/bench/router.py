@@ -138,12 +138,20 @@ def _pct(xs: list[float], q: float) -> float | None:
     return xs[min(len(xs) - 1, int(q * len(xs)))]
 
 
-def summarize(rows: list[dict], counters: dict[str, dict[str, float]], wall_s: float) -> dict[str, Any]:
+def balance(per_replica: list[float], n_replicas: int) -> float | None:
+    """max/mean requests over the deployment's `n_replicas` (Ray's metrics keep series of replaced replicas:
+    the busiest `n_replicas` series, zeros included, are the deployment's)."""
+    top = sorted(per_replica, reverse=True)[:n_replicas]
+    top += [0.0] * (n_replicas - len(top))
+    mean = sum(top) / n_replicas
+    return max(top) / mean if mean else None
+
+
+def summarize(rows: list[dict], counters: dict[str, dict[str, float]], wall_s: float, n_replicas: int) -> dict[str, Any]:
     ttft = [r["ttft_s"] for r in rows if r.get("ok")]
     hits = sum(c["hits"] for c in counters.values())
     queries = sum(c["queries"] for c in counters.values())
     per_replica = [c["requests"] for c in counters.values()]
-    mean = sum(per_replica) / len(per_replica) if per_replica else 0.0
     return {
         "requests": len(rows),
         "errors": sum(1 for r in rows if not r.get("ok")),
@@ -153,7 +161,7 @@ def summarize(rows: list[dict], counters: dict[str, dict[str, float]], wall_s: f
         "throughput_rps": len(ttft) / wall_s if wall_s else None,
         "hit_rate": hits / queries if queries else None,
         "requests_per_replica": sorted(per_replica, reverse=True),
-        "max_over_mean_requests": (max(per_replica) / mean) if mean else None,
+        "max_over_mean_requests": balance(per_replica, n_replicas),
     }
 
 
@@ -260,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
                     wall = time.perf_counter() - t1
                     sent = sum(1 for r in rows if r.get("ok"))
                     delta = wait_for_counters(metrics_port, sent, before)
-                    summary = summarize(rows, delta, wall)
+                    summary = summarize(rows, delta, wall, args.replicas)
                     summary.update(router=router, workload=wl, repeat=rep, wall_s=wall)
                     results.append(summary)
                     print(f"   {wl}: hit {summary['hit_rate']}, TTFT p50 {summary['ttft_p50_s']}, "
