@@ -37,7 +37,9 @@ def test_size_class_is_monotone() -> None:
 @settings(max_examples=150, deadline=None)
 @given(
     num_blocks=st.integers(1, 300),
-    ops=st.lists(st.tuples(st.sampled_from(["add", "take", "remove", "fit"]), st.integers(0, 10**6)), max_size=200),
+    ops=st.lists(
+        st.tuples(st.sampled_from(["add", "take", "remove", "cut", "fill", "fit"]), st.integers(0, 10**6)), max_size=200
+    ),
 )
 def test_matches_set_model(num_blocks: int, ops: list[tuple[str, int]]) -> None:
     free = FreeRuns(num_blocks)
@@ -58,6 +60,22 @@ def test_matches_set_model(num_blocks: int, ops: list[tuple[str, int]]) -> None:
             assert free.run_at(start) == end
             free.take_prefix(start, num)
             model.difference_update(range(start, start + num))
+        elif op == "cut" and model:
+            start, end = _runs_of(model)[arg % len(_runs_of(model))]
+            lo = start + arg % (end - start)
+            hi = lo + 1 + (arg // 7) % (end - lo)
+            assert free.run_containing(lo) == start
+            free.remove_range(lo, hi)
+            model.difference_update(range(lo, hi))
+        elif op == "fill":
+            gaps = [i for i in range(num_blocks) if i not in model]
+            if gaps:
+                lo = gaps[arg % len(gaps)]
+                hi = lo + 1
+                while hi < num_blocks and hi not in model and hi - lo < 1 + arg % 9:
+                    hi += 1
+                free.add_run(lo, hi) if arg % 2 else free.add_many(list(range(lo, hi))[::-1])
+                model.update(range(lo, hi))
         elif op == "fit":
             want = 1 + arg % num_blocks
             start = free.best_fit(want)

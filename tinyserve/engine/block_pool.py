@@ -31,6 +31,7 @@ Request context (which request allocates, its expected length) comes from thin w
 from __future__ import annotations
 
 import functools
+import heapq
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -106,7 +107,13 @@ class BestFitBlockPool(BlockPool):
         self._free_mask = bytearray(b"\x01") * num_gpu_blocks
         self._free_mask[0] = 0  # the null block
         self._num_free = num_gpu_blocks - 1
+        # Reservations are never adjacent (each starts right after its owner's allocated tail): the one
+        # holding a block is found by scanning the mask back to its start (C speed) and `_owner_at`; the
+        # largest is on top of `_reservation_heap` (lazy: entries are re-checked when they surface).
         self._reserved_mask = bytearray(num_gpu_blocks)
+        self._owner_at: dict[int, str] = {}  # reservation start -> request id
+        self._reservation_heap: list[tuple[int, int, str]] = []  # (-length when pushed, serial, rid)
+        self._heap_serial = 0
         self.free_block_queue = _FreeQueueView(self)  # type: ignore[assignment]
         self._hits = [0] * num_gpu_blocks
         # request id -> [next, end): blocks reserved right after the request's last block
@@ -142,11 +149,7 @@ class BestFitBlockPool(BlockPool):
             if span is not None:
                 block_id = span[0]
                 if block_id == self._tails.get(rid, -2) + 1:
-                    self._reserved_mask[block_id] = 0
-                    if block_id + 1 == span[1]:
-                        del self._reservations[rid]
-                    else:
-                        span[0] = block_id + 1
+                    self._consume_reservation(rid, span, 1)
                     block = self.blocks[block_id]
                     self._free_mask[block_id] = 0
                     self._num_free -= 1
@@ -321,19 +324,62 @@ class BestFitBlockPool(BlockPool):
     def _unreserve(self, block_id: int) -> None:
         """Cut the reservation holding `block_id` (which leaves) there: its owner keeps the part before
         it, the part after it becomes placeable."""
-        for rid, span in self._reservations.items():
-            nxt, end = span
-            if nxt <= block_id < end:
-                if block_id == nxt:
-                    del self._reservations[rid]
-                else:
-                    span[1] = block_id
-                self._reserved_mask[block_id] = 0
-                for other in range(block_id + 1, end):
-                    self._reserved_mask[other] = 0
-                    self._return_to_runs(other)
-                return
-        raise AssertionError(f"block {block_id} is marked reserved but no reservation holds it")
+        start = self._reserved_mask.rfind(0, 0, block_id) + 1
+        rid = self._owner_at[start]
+        span = self._reservations[rid]
+        end = span[1]
+        self._reserved_mask[block_id:end] = bytes(end - block_id)
+        if block_id == start:
+            del self._reservations[rid]
+            del self._owner_at[start]
+        else:
+            span[1] = block_id
+        placeable = [i for i in range(block_id + 1, end) if self._placeable(i)]
+        if placeable:
+            self._runs.add_many(placeable)
+
+    def _consume_reservation(self, rid: str, span: list[int], got: int) -> None:
+        """The owner takes the first `got` blocks of its reservation `span`."""
+        nxt, end = span
+        reserved_mask = self._reserved_mask
+        for block_id in range(nxt, nxt + got):
+            reserved_mask[block_id] = 0
+        del self._owner_at[nxt]
+        if nxt + got == end:
+            del self._reservations[rid]
+        else:
+            span[0] = nxt + got
+            self._owner_at[nxt + got] = rid
+
+    def _reserve(self, rid: str, start: int, end: int) -> None:
+        """Reserve [start, end) (free, out of `_runs`) for `rid`, replacing its reservation if any."""
+        self._drop_reservation(rid)
+        self._reservations[rid] = [start, end]
+        self._owner_at[start] = rid
+        self._reserved_mask[start:end] = b"\x01" * (end - start)
+        self._heap_serial += 1
+        heap = self._reservation_heap
+        heapq.heappush(heap, (start - end, self._heap_serial, rid))
+        if len(heap) > 2 * len(self._reservations) + 64:  # drop dead entries (amortised O(1))
+            heap[:] = [(n - e, i, r) for i, (r, (n, e)) in enumerate(self._reservations.items())]
+            heapq.heapify(heap)
+            self._heap_serial = len(heap)
+
+    def _largest_reservation(self) -> str:
+        """Owner of the largest reservation (lazy heap: stale entries are refreshed or dropped)."""
+        heap = self._reservation_heap
+        while True:
+            negative_length, _, rid = heap[0]
+            span = self._reservations.get(rid)
+            if span is not None and span[0] - span[1] == negative_length:
+                return rid
+            heapq.heappop(heap)
+            if span is not None and span[0] - span[1] > negative_length:  # shrank: re-file at its size
+                self._heap_serial += 1
+                heapq.heappush(heap, (span[0] - span[1], self._heap_serial, rid))
+            elif span is not None:  # pushed again at the same size by a newer entry: keep one
+                self._heap_serial += 1
+                heapq.heappush(heap, (span[0] - span[1], self._heap_serial, rid))
 
     def _return_to_runs(self, block_id: int) -> None:
         if self._placeable(block_id):
@@ -346,6 +392,7 @@ class BestFitBlockPool(BlockPool):
         span = self._reservations.pop(rid, None) if rid is not None else None
         if span is not None:
             nxt, end = span
+            del self._owner_at[nxt]
             self._reserved_mask[nxt:end] = bytes(end - nxt)
             placeable = [i for i in range(nxt, end) if self._placeable(i)]
             if placeable:
@@ -388,14 +435,10 @@ class BestFitBlockPool(BlockPool):
             nxt, end = span
             if nxt == tail + 1:
                 got = min(num, end - nxt)
+                self._consume_reservation(rid, span, got)
                 for block_id in range(nxt, nxt + got):
-                    reserved_mask[block_id] = 0
                     self._claim(block_id)
                 out.extend(range(nxt, nxt + got))
-                if nxt + got == end:
-                    del self._reservations[rid]
-                else:
-                    span[0] = nxt + got
             else:  # stale: its owner's table moved on
                 self._drop_reservation(rid)
         need = num - len(out)
@@ -419,9 +462,7 @@ class BestFitBlockPool(BlockPool):
                     self._claim(block_id)
                 out.extend(range(start, start + got))
                 if reserve:
-                    self._drop_reservation(rid)
-                    self._reservations[rid] = [start + got, start + got + reserve]  # type: ignore[index]
-                    reserved_mask[start + got : start + got + reserve] = b"\x01" * reserve
+                    self._reserve(rid, start + got, start + got + reserve)  # type: ignore[arg-type]
             # 3b. fewest runs: largest first
             while len(out) < num and runs.num_free:
                 start, length = runs.largest()  # type: ignore[misc]
@@ -432,7 +473,7 @@ class BestFitBlockPool(BlockPool):
                 out.extend(range(start, start + got))
         # 4. other requests' reservations: split the largest; the far part becomes this request's
         while len(out) < num and self._reservations:
-            owner = max(self._reservations, key=lambda r: self._reservations[r][1] - self._reservations[r][0])
+            owner = self._largest_reservation()
             span = self._reservations[owner]
             nxt, end = span
             need = num - len(out)
@@ -443,21 +484,20 @@ class BestFitBlockPool(BlockPool):
                 cut = min(max(nxt + (end - nxt) // 2, end - need - extra), end - need)
                 keep = end - cut - need if rid is not None else 0
             got = end - cut - keep
-            for block_id in range(cut, cut + got):
-                reserved_mask[block_id] = 0
-                self._claim(block_id)
-            out.extend(range(cut, cut + got))
+            self._reserved_mask[cut:end] = bytes(end - cut)
             if cut == nxt:
                 del self._reservations[owner]
+                del self._owner_at[nxt]
             else:
                 span[1] = cut
+            for block_id in range(cut, cut + got):
+                self._claim(block_id)
+            out.extend(range(cut, cut + got))
             if got < end - cut:  # the thief keeps the rest of its part as its own reservation
                 if keep and rid is not None:
-                    self._drop_reservation(rid)
-                    self._reservations[rid] = [cut + got, end]
+                    self._reserve(rid, cut + got, end)
                 else:
                     for block_id in range(cut + got, end):
-                        reserved_mask[block_id] = 0
                         self._return_to_runs(block_id)
         # 5. evict protected cached blocks (everything placeable is gone): the block right after this
         # request's last one when it is old and never served a hit, else by `_pick_eviction`
@@ -553,6 +593,10 @@ class BestFitBlockPool(BlockPool):
         """Assert the invariants of the free structures (O(num_blocks); for tests)."""
         reserved = {i for nxt, end in self._reservations.values() for i in range(nxt, end)}
         assert reserved == {i for i, r in enumerate(self._reserved_mask) if r}
+        assert self._owner_at == {span[0]: rid for rid, span in self._reservations.items()}
+        for rid, (nxt, end) in self._reservations.items():  # never adjacent: the owner scan finds starts
+            assert nxt == 0 or not self._reserved_mask[nxt - 1]
+            assert any(entry[2] == rid and -entry[0] >= end - nxt for entry in self._reservation_heap)
         cached = {b.block_id for b in self._lru_blocks()}
         assert len(cached) == self._old.num_free_blocks + self._young.num_free_blocks
         for block in self.blocks:

@@ -171,6 +171,26 @@ class FreeRuns:
             member[block_id] = 0
         self.num_free -= num
 
+    def remove_range(self, start: int, end: int) -> None:
+        """Remove [start, end), which must lie inside one run (finding that run scans bytes: O(run) in C)."""
+        member = self._member
+        run_start = member.rfind(0, 0, start) + 1
+        run_end = self._end[run_start]
+        assert run_start <= start < end <= run_end, (start, end, run_start, run_end)
+        self._file_out(run_start, run_end)
+        if run_start < start:
+            self._file_in(run_start, start)
+        if end < run_end:
+            self._file_in(end, run_end)
+        member[start:end] = bytes(end - start)
+        self.num_free -= end - start
+        self.num_runs += (run_start < start) + (end < run_end) - 1
+
+    def run_containing(self, block_id: int) -> int:
+        """Start of the run holding member `block_id` (scans bytes: O(run) in C)."""
+        assert self._member[block_id]
+        return self._member.rfind(0, 0, block_id) + 1
+
     def remove(self, block_id: int) -> None:
         """Remove any member (it may sit inside a run; finding its run scans bytes, O(run) in C)."""
         member = self._member

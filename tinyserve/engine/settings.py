@@ -31,9 +31,10 @@ class AllocatorSettings(_Strict):
     force_compaction_every_step: bool = False
     # At most this many block copies per compaction (one compaction per scheduler step at most).
     compaction_max_moves: int = Field(default=64, ge=1)
-    # A new placement reserves room to grow right after it, up to the request's prompt + max_tokens
-    # (at most this many blocks; None = no cap). Reserved blocks stay free: any allocation that finds no
-    # unreserved block takes them (newest reservation first, from its far end).
+    # A new placement reserves room to grow right after it: the learned expected output (moving mean of
+    # finished outputs, doubled once exceeded) or a fair share of free blocks if larger, never past
+    # prompt + max_tokens, and at most this many blocks (None = no cap). Reserved blocks stay free: an
+    # allocation that finds no unreserved block splits the largest reservation and takes its far part.
     growth_reserve_max_blocks: int | None = Field(default=None, ge=0)
     # Weight of each finished request in the moving mean of output lengths that sizes reservations.
     output_mean_weight: float = Field(default=0.05, gt=0.0, le=1.0)
