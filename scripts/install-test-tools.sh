@@ -3,6 +3,7 @@
 set -euo pipefail
 need_apt=()
 command -v prometheus >/dev/null 2>&1 || need_apt+=(prometheus)
+command -v npm >/dev/null 2>&1 || need_apt+=(nodejs npm)
 if ((${#need_apt[@]})); then
   if [ "$(id -u)" = 0 ]; then
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need_apt[@]}" >/dev/null

@@ -59,7 +59,8 @@ class TinyServeLLMServer(KVPressureSignals, LLMServer):
         if events is not None and events.get("endpoint", "").endswith(":0"):
             port = _free_port_pair()
             events = dict(events, endpoint=f"tcp://127.0.0.1:{port}", replay_endpoint=f"tcp://127.0.0.1:{port + 1}")
-            llm_config.engine_kwargs["kv_events_config"] = events
+            # Updates the engine config LLMConfig caches (and pickles) as well as engine_kwargs.
+            llm_config.update_engine_kwargs(kv_events_config=events)
         self._kv_events = events
         self.last_stats: dict[str, Any] = {}
         self._last_stats_at = 0.0
@@ -113,6 +114,10 @@ class TinyServeLLMServer(KVPressureSignals, LLMServer):
             stats["kv_events_endpoint"] = self._kv_events["endpoint"]
             stats["kv_events_replay_endpoint"] = self._kv_events.get("replay_endpoint")
         stats["block_size"] = self._llm_config.engine_kwargs.get("block_size")
+        # What the router needs to tokenize and hash a request exactly as this engine does.
+        stats["tokenizer"] = self._llm_config.model_loading_config.model_source
+        stats["hash_seed"] = os.environ.get("PYTHONHASHSEED")
+        stats["hash_algo"] = self._llm_config.engine_kwargs.get("prefix_caching_hash_algo", "sha256")
         stats["engine_pid"] = self.last_stats.get("plugin", {}).get("pid")
         stats["replica_pid"] = os.getpid()
         stats["requests_started"] = self.requests_started
