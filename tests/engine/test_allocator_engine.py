@@ -41,6 +41,13 @@ PROMPTS = [_prompt(1, 200, True), _prompt(2, 40, False), _prompt(3, 120, True), 
 MAX_TOKENS = [70, 20, 110, 45, 30, 90]
 
 
+# A smaller cache (32 blocks) and three prompts that are chunk-prefilled side by side: compaction moves
+# blocks in the very steps that fill them.
+REPEAT_ENGINE_ARGS = dict(ENGINE_ARGS, max_model_len=960, num_gpu_blocks_override=32)
+REPEAT_PROMPTS = [_prompt(1, 300, False), _prompt(2, 150, False), _prompt(3, 97, False)]
+REPEAT_MAX_TOKENS = [24, 24, 24]
+
+
 @pytest.fixture(scope="module")
 def model_dir(request, tmp_path_factory) -> str:
     try:
@@ -51,17 +58,23 @@ def model_dir(request, tmp_path_factory) -> str:
         return str(make_model(tmp_path_factory.mktemp("models") / "tinyserve-tiny", "tiny"))
 
 
-def _run(model: str, settings: EngineSettings) -> tuple[list[list[int]], dict]:
-    """Greedy outputs of PROMPTS and the engine core's TinyServe stats (None when the plugin is off)."""
+def _run(
+    model: str, settings: EngineSettings, rounds: int = 1, prompts: list = PROMPTS, max_tokens: list = MAX_TOKENS,
+    engine_args: dict = ENGINE_ARGS,
+) -> tuple[list[list[list[int]]], list[dict]]:
+    """Greedy outputs of PROMPTS per round (the same prompts `rounds` times in one engine: later rounds
+    hit the prefix cache) and the engine core's TinyServe stats after each round (None when off)."""
     from vllm import LLM, SamplingParams
 
     os.environ.update(ENGINE_ENV)
     os.environ.update(settings.to_env())
-    llm = LLM(model=model, **ENGINE_ARGS)
+    llm = LLM(model=model, **engine_args)
     try:
-        params = [SamplingParams(temperature=0.0, max_tokens=m, ignore_eos=True) for m in MAX_TOKENS]
-        outputs = [list(o.outputs[0].token_ids) for o in llm.generate(PROMPTS, params, use_tqdm=False)]
-        stats = llm.llm_engine.engine_core.call_utility("tinyserve_stats") if settings.enabled else None
+        params = [SamplingParams(temperature=0.0, max_tokens=m, ignore_eos=True) for m in max_tokens]
+        outputs, stats = [], []
+        for _ in range(rounds):
+            outputs.append([list(o.outputs[0].token_ids) for o in llm.generate(prompts, params, use_tqdm=False)])
+            stats.append(llm.llm_engine.engine_core.call_utility("tinyserve_stats") if settings.enabled else None)
         return outputs, stats
     finally:
         llm.llm_engine.engine_core.shutdown()
@@ -77,8 +90,14 @@ def compacting(model_dir):
     return _run(model_dir, EngineSettings(allocator=AllocatorSettings(force_compaction_every_step=True)))
 
 
+@pytest.fixture(scope="module")
+def repeated(model_dir):
+    settings = EngineSettings(allocator=AllocatorSettings(force_compaction_every_step=True))
+    return _run(model_dir, settings, 2, REPEAT_PROMPTS, REPEAT_MAX_TOKENS, REPEAT_ENGINE_ARGS)
+
+
 def test_stats_channel_carries_kv_numbers(compacting) -> None:
-    stats = compacting[1]
+    stats = compacting[1][0]
     assert "allocator" in stats["plugin"]["features"]
     kv = stats["kv"]
     assert set(STATS_KEYS) <= set(kv)
@@ -91,8 +110,22 @@ def test_stats_channel_carries_kv_numbers(compacting) -> None:
 
 
 def test_greedy_outputs_equal_with_compaction_every_step(stock, compacting) -> None:
-    outputs, stats = compacting
+    outputs, stats = compacting[0][0], compacting[1][0]
     assert [len(o) for o in outputs] == MAX_TOKENS
     assert stats["kv"]["blocks_moved_total"] > 0 and stats["kv"]["compactions_total"] > 0
-    assert outputs == stock[0]
+    assert outputs == stock[0][0]
     assert stats["kv"]["num_free_blocks"] == 39  # retained copy sources were all released
+
+
+def test_prefix_hits_after_compaction_read_right_kv(repeated) -> None:
+    # The same prompts twice in one engine, compaction every step: round two's prefill hits blocks cached
+    # in round one, some of which compaction moved. vLLM hashes a block when it schedules the tokens that
+    # fill it, before the step writes them; a block moved in that step must take its cache entry to the
+    # copy (the only one that gets those writes), or round two reads half-written KV from the source.
+    (first, second), (stats_first, stats_second) = repeated
+    assert [len(o) for o in first] == REPEAT_MAX_TOKENS
+    assert stats_first["kv"]["blocks_moved_total"] > 0
+    hits_second = stats_second["kv"]["prefix_cache_hits_total"] - stats_first["kv"]["prefix_cache_hits_total"]
+    assert hits_second > stats_first["kv"]["prefix_cache_hits_total"]  # round two reuses round one's KV
+    assert second == first
+    assert stats_second["kv"]["num_free_blocks"] == REPEAT_ENGINE_ARGS["num_gpu_blocks_override"] - 1

@@ -15,8 +15,11 @@ dst for the request's table, keeps src allocated as a retention, appends (src, d
 *resumed* with its whole new block table, which replaces the worker's copy of the table (vLLM's path for
 requests resumed after preemption). Retained sources are freed at the start of the next step (the step
 that copies has then run: synchronous scheduling), so every allocation decision sees the same free count
-as without compaction. A source that was cached stays findable by its hash; block hashes never change,
-so no BlockStored/BlockRemoved event is emitted for a move and event-driven routers stay right.
+as without compaction. A source's prefix-cache entries move with it to dst (vLLM's `move_block_hashes`):
+vLLM hashes a block when it schedules the tokens that fill it, i.e. before the step writes them, and this
+step's writes land in dst only — a hash left on src would let a later prefix hit read half-written KV.
+The retained src is then freed as an empty block. Block hashes never change, so no
+BlockStored/BlockRemoved event is emitted for a move and event-driven routers stay right.
 
 Hook for other per-block state kept beside the KV cache (e.g. query-aware selection's page min/max):
 the moves reach the worker only as `scheduler_output.kv_cache_block_copies` (src, dst) pairs, the same
@@ -139,6 +142,10 @@ def apply_moves(scheduler: Any, output: Any, pairs: list[tuple[int, int]]) -> li
         assert table[index].block_id == src
         pool.claim_block(dst)
         pool.blocks[dst].ref_cnt = 1
+        if pool.blocks[src].block_hash is not None:
+            # The cache entry follows the data: vLLM hashes a block when it schedules the tokens that fill
+            # it, so src may be hashed before this step writes it; only dst receives those writes.
+            pool.move_block_hashes(pool.blocks[src], pool.blocks[dst])
         table[index] = pool.blocks[dst]  # src keeps the request's reference as the copy's retention
         moves.append(BlockMove(rid, index, src, dst))
     if not moves:
