@@ -84,7 +84,7 @@ def test_cached_prefix_is_found_again_and_lru_order_kept() -> None:
     assert driver.prefix_hit_tokens == 3 * BLOCK  # b found a's three full prompt blocks
     pool = manager.block_pool
     order = [b.block_id for b in pool._lru_blocks()]
-    assert len(order) == len(set(order)) == pool._old.num_free_blocks + pool._young.num_free_blocks
+    assert len(order) == len(set(order)) == pool._lru.num_free_blocks
     pool.check_invariants()
 
 
@@ -115,3 +115,53 @@ def test_same_trace_same_schedule_and_hits_as_stock() -> None:
         assert type(manager.block_pool).__name__ == ("BestFitBlockPool" if ours else "BlockPool")
     assert results[0][:2] == results[1][:2]
     assert results[0][2] == results[1][2]
+
+def _chat_trace(num_conversations: int = 60, turns: int = 3) -> list[TraceRequest]:
+    """Multi-turn chat: a few shared system prompts; each turn's prompt is the previous turn's prompt plus
+    a new user message, arriving after other conversations' turns (so its cached blocks have aged)."""
+    systems = [tuple(range(3000 + 100 * k, 3000 + 100 * k + 4 * BLOCK)) for k in range(3)]
+    trace = []
+    for c in range(num_conversations):
+        prompt = systems[c % 3]
+        for t in range(turns):
+            user = tuple((c * 7919 + t * 104729 + j * 31) % 1999 + 1 for j in range(40 + (c * 13 + t * 7) % 50))
+            prompt = prompt + user
+            output = 6 + (c * 5 + t) % 15
+            trace.append(TraceRequest(f"c{c}t{t}", c * 2 + t * 70, prompt, output, output + 8))
+    return trace
+
+
+def test_never_evicts_cached_block_while_an_empty_one_is_free() -> None:
+    """vLLM's free queue hands out never-cached blocks before any cached one, then cached ones in LRU
+    order; best-fit placement must not trade a cached prefix (a future hit) for contiguity."""
+    trace = _chat_trace()
+    hits = {}
+    for ours in (False, True):
+        if ours:
+            install_block_pool(AllocatorSettings())
+        else:
+            uninstall_block_pool()
+        manager = make_kv_manager(1024, BLOCK)
+        pool = manager.block_pool
+        early: list[int] = []
+        if ours:
+            assert isinstance(pool, BestFitBlockPool)
+            evict = pool._maybe_evict_cached_block
+
+            def checked_evict(block, evict=evict, pool=pool):
+                if block.block_hash is not None:
+                    empty_free = sum(1 for b in pool.blocks[1:] if pool.free_mask[b.block_id] and b.block_hash is None)
+                    if empty_free:
+                        early.append(empty_free)
+                return evict(block)
+
+            pool._maybe_evict_cached_block = checked_evict
+        driver = KVDriver(manager, BLOCK, max_num_seqs=32)
+        driver.run(trace)
+        assert driver.finished == len(trace)
+        hits[ours] = driver.prefix_hit_tokens
+        if ours:
+            assert early == []  # no cached block was evicted while a never-cached block was free
+            pool.check_invariants()
+    assert hits[False] > 0
+    assert hits[True] >= hits[False]

@@ -3,10 +3,9 @@
 `BestFitBlockPool` subclasses vLLM's `BlockPool`: same interface, same prefix-caching semantics (block
 hashes, lookups, `BlockStored`/`BlockRemoved` events for every cache entry added or dropped), same free
 count, so the scheduler admits and preempts exactly as with vLLM's pool. What changes is *which* free
-block an allocation gets — and therefore which cached blocks get evicted: vLLM reuses empty blocks first
-and then evicts in LRU order; TinyServe may reuse an old cached block that never served a hit while
-empty blocks remain elsewhere (more evictions, see the benchmark), and protects recently freed and
-once-hit cached blocks until nothing else is left:
+block an allocation gets, never which cached blocks survive: as vLLM's free queue does, placement hands
+out only blocks without a hash (never cached, or evicted) while any is free, and evicts cached blocks only
+when none is left, least recently used first:
 
 1. a request that owns a growth reservation takes the blocks right after its last block;
 2. else it extends its own run when the block after its last block starts a free run;
@@ -15,13 +14,11 @@ once-hit cached blocks until nothing else is left:
    max_tokens; max_tokens until a request has finished): exact fit, else the smallest run that holds it, else the largest run (most room to grow),
    then further largest runs (fewest runs); it reserves the rest of its expected size right after it;
 4. else it takes other requests' reservations (reserved blocks are free: they never refuse an allocation);
-5. else it evicts protected cached blocks: the block right after the request's last one if it is old and
-   never hit, else in LRU order as vLLM — among the oldest `eviction_window` candidates (default 1) the
-   least-hit one, then the one that keeps this allocation contiguous, then the one with fewest free
-   neighbours (taking it shrinks or removes a free run rather than splitting one).
-
-Access frequency counts: a cached block that served a prefix hit — or belongs to a preempted request,
-which will hit it when it resumes — is never handed out by placement, only evicted in LRU order.
+5. else (no free block without a hash is left) it evicts cached blocks in LRU order as vLLM does —
+   among the oldest `eviction_window` candidates (default 1: plain LRU) the least-hit one (a prefix hit,
+   or belonging to a preempted request that will hit it on resume, counts as a use), then the one that
+   keeps this allocation contiguous, then the one with fewest free neighbours (taking it shrinks or
+   removes a free run rather than splitting one).
 
 Request context (which request allocates, its expected length) comes from thin wrappers around
 `KVCacheManager.allocate_slots`/`free`/`pop_blocks_for_free`/`record_prefix_cache_stats` that
@@ -83,14 +80,13 @@ class BestFitBlockPool(BlockPool):
 
     Owns, besides vLLM's block objects and prefix-cache maps, three views of the free blocks (free =
     vLLM's sense: ref_cnt == 0, null block excluded; `_free_mask[i]` is 1 iff block i is free):
-    - `_old` then `_young`: every free block that carries a hash (still findable by prefix lookup), in
-      LRU order (least recent first); `_young` holds the most recently freed `cache_young_fraction`;
-      `_age[i]` is 1 in `_young`, 2 in `_old`, 0 otherwise;
-    - `_reserved_mask` / `_reservations`: free blocks held for one request's growth, right after it;
-    - `_runs`: every free, unreserved block that is *placeable*: no hash, or an old hash never hit since
-      it was cached. Young and hit cached blocks are *protected*: evicted only after placeable and
-      reserved blocks are gone, least recently used first.
-    Invariants: `get_num_free_blocks()` equals vLLM's count; a reserved block is never in `_runs`.
+    - `_lru`: every free block that carries a hash (still findable by prefix lookup), least recently
+      used first; `_in_lru[i]` is 1 iff block i is there;
+    - `_reserved_mask` / `_reservations`: free blocks without a hash held for one request's growth,
+      right after it;
+    - `_runs`: every free, unreserved block without a hash (*placeable*).
+    Invariants: `get_num_free_blocks()` equals vLLM's count; a reserved block is never in `_runs`; a free
+    cached block is in `_lru` only, so no cached block is evicted while a block without a hash is free.
     """
 
     settings: AllocatorSettings = AllocatorSettings()
@@ -99,9 +95,8 @@ class BestFitBlockPool(BlockPool):
         super().__init__(num_gpu_blocks, enable_caching, hash_block_size, *args, **kwargs)
         for block in self.blocks:  # the stock queue built by super() is replaced by our structures
             block.prev_free_block = block.next_free_block = None
-        self._old = FreeKVCacheBlockQueue([])
-        self._young = FreeKVCacheBlockQueue([])
-        self._age = bytearray(num_gpu_blocks)
+        self._lru = FreeKVCacheBlockQueue([])
+        self._in_lru = bytearray(num_gpu_blocks)
         self._runs = FreeRuns(num_gpu_blocks)
         self._runs.add_range(1, num_gpu_blocks)
         self._free_mask = bytearray(b"\x01") * num_gpu_blocks
@@ -233,38 +228,16 @@ class BestFitBlockPool(BlockPool):
     def _lru_blocks(self) -> list[KVCacheBlock]:
         """Free cached blocks, least recently used first (O(n); tests and reset)."""
         out = []
-        for queue in (self._old, self._young):
-            node = queue.fake_free_list_head.next_free_block
-            while node is not queue.fake_free_list_tail:
-                out.append(node)
-                node = node.next_free_block
+        queue = self._lru
+        node = queue.fake_free_list_head.next_free_block
+        while node is not queue.fake_free_list_tail:
+            out.append(node)
+            node = node.next_free_block
         return out
 
-    def _age_out(self) -> None:
-        """Move the oldest young cached blocks to the old end until young is its share again; old unhit
-        ones become placeable."""
-        young, old = self._young, self._old
-        excess = young.num_free_blocks - int(
-            self.settings.cache_young_fraction * (young.num_free_blocks + old.num_free_blocks)
-        )
-        if excess <= 0:
-            return
-        aged = young.popleft_n(excess)
-        old.append_n(aged)
-        age, hits, reserved = self._age, self._hits, self._reserved_mask
-        placeable = []
-        for block in aged:
-            block_id = block.block_id
-            age[block_id] = 2
-            if not hits[block_id] and not reserved[block_id]:
-                placeable.append(block_id)
-        if placeable:
-            self._runs.add_many(placeable)
-
     def _uncache_free(self, block: KVCacheBlock) -> None:
-        age = self._age[block.block_id]
-        (self._young if age == 1 else self._old).remove(block)
-        self._age[block.block_id] = 0
+        self._lru.remove(block)
+        self._in_lru[block.block_id] = 0
 
     def _make_placeable(self, block_id: int) -> None:
         if not self._reserved_mask[block_id] and not self._runs.contains(block_id):
@@ -278,8 +251,8 @@ class BestFitBlockPool(BlockPool):
             self._release_many([], [block])
 
     def _release_many(self, empty_ids: list[int], cached: list[KVCacheBlock]) -> None:
-        """Free blocks: empty ones become placeable (merged into runs), cached ones join the young end
-        of the LRU order (oldest young ones age out)."""
+        """Free blocks: empty ones become placeable (merged into runs), cached ones join the most recent
+        end of the LRU order."""
         if cached and not self.enable_caching:
             for block in cached:
                 self._maybe_evict_cached_block(block)
@@ -292,12 +265,11 @@ class BestFitBlockPool(BlockPool):
         if empty_ids:
             self._runs.add_many(empty_ids)
         if cached:
-            age = self._age
+            in_lru = self._in_lru
             for block in cached:
                 free_mask[block.block_id] = 1
-                age[block.block_id] = 1
-            self._young.append_n(cached)
-            self._age_out()
+                in_lru[block.block_id] = 1
+            self._lru.append_n(cached)
 
     def _claim(self, block_id: int) -> None:
         """Mark a free block allocated; it must already be out of `_runs` and unreserved. Evicts its
@@ -386,7 +358,7 @@ class BestFitBlockPool(BlockPool):
             self._runs.add(block_id)
 
     def _placeable(self, block_id: int) -> bool:
-        return self.blocks[block_id].block_hash is None or (self._age[block_id] == 2 and not self._hits[block_id])
+        return self.blocks[block_id].block_hash is None
 
     def _drop_reservation(self, rid: str | None) -> None:
         span = self._reservations.pop(rid, None) if rid is not None else None
@@ -499,15 +471,9 @@ class BestFitBlockPool(BlockPool):
                 else:
                     for block_id in range(cut + got, end):
                         self._return_to_runs(block_id)
-        # 5. evict protected cached blocks (everything placeable is gone): the block right after this
-        # request's last one when it is old and never served a hit, else by `_pick_eviction`
-        free_mask = self._free_mask
+        # 5. evict cached blocks (no free block without a hash is left), LRU order by `_pick_eviction`
         while len(out) < num:
-            after = (out[-1] if out else tail) + 1
-            if 0 < after < self.num_gpu_blocks and free_mask[after] and self._age[after] == 2 and not self._hits[after]:
-                block = self.blocks[after]
-            else:
-                block = self._pick_eviction(after - 1)
+            block = self._pick_eviction(out[-1] if out else tail)
             self._claim(block.block_id)
             out.append(block.block_id)
         if rid is not None:
@@ -523,18 +489,18 @@ class BestFitBlockPool(BlockPool):
         window = self.settings.eviction_window
         best, best_key = None, None
         position = 0
-        for queue in (self._old, self._young):
-            node = queue.fake_free_list_head.next_free_block
-            while position < window and node is not queue.fake_free_list_tail:
-                block_id = node.block_id
-                free_neighbours = (block_id > 0 and free_mask[block_id - 1]) + (
-                    block_id < last_id and free_mask[block_id + 1]
-                )
-                key = (min(self._hits[block_id], _HIT_CLASS_CAP), block_id != after + 1, free_neighbours, position)
-                if best_key is None or key < best_key:
-                    best, best_key = node, key
-                node = node.next_free_block
-                position += 1
+        queue = self._lru
+        node = queue.fake_free_list_head.next_free_block
+        while position < window and node is not queue.fake_free_list_tail:
+            block_id = node.block_id
+            free_neighbours = (block_id > 0 and free_mask[block_id - 1]) + (
+                block_id < last_id and free_mask[block_id + 1]
+            )
+            key = (min(self._hits[block_id], _HIT_CLASS_CAP), block_id != after + 1, free_neighbours, position)
+            if best_key is None or key < best_key:
+                best, best_key = node, key
+            node = node.next_free_block
+            position += 1
         assert best is not None, "no evictable block"
         return best
 
@@ -560,8 +526,8 @@ class BestFitBlockPool(BlockPool):
         self._held.pop(request_id, None)
 
     def protect_for_resume(self, blocks: Iterable[KVCacheBlock]) -> None:
-        """A preempted request's cached blocks will be hit when it resumes: count that use now, so they
-        stay protected (evicted in LRU order only) instead of becoming placeable as they age."""
+        """A preempted request's cached blocks will be hit when it resumes: count that use now (eviction
+        windows wider than 1 then take less-used candidates first)."""
         hits = self._hits
         for block in blocks:
             if block.block_hash is not None and not block.is_null:
@@ -581,7 +547,7 @@ class BestFitBlockPool(BlockPool):
     # ---- inspection ----------------------------------------------------------------------------
 
     def placeable_mask(self) -> bytearray:
-        """1 per free block that placement may hand out now (empty or old unused cache, unreserved)."""
+        """1 per free block that placement may hand out now (no hash, unreserved)."""
         return self._runs._member
 
     @property
@@ -598,13 +564,13 @@ class BestFitBlockPool(BlockPool):
             assert nxt == 0 or not self._reserved_mask[nxt - 1]
             assert any(entry[2] == rid and -entry[0] >= end - nxt for entry in self._reservation_heap)
         cached = {b.block_id for b in self._lru_blocks()}
-        assert len(cached) == self._old.num_free_blocks + self._young.num_free_blocks
+        assert len(cached) == self._lru.num_free_blocks
         for block in self.blocks:
             i = block.block_id
             free = block.ref_cnt == 0 and not block.is_null
             assert self._free_mask[i] == free, block
             assert (i in cached) == (free and block.block_hash is not None), block
-            assert (self._age[i] != 0) == (i in cached)
+            assert (self._in_lru[i] != 0) == (i in cached)
             placeable = free and i not in reserved and self._placeable(i)
             assert self._runs.contains(i) == placeable, (block, self._hits[i], i in reserved)
             assert not (i in reserved and not free)

@@ -38,11 +38,8 @@ class AllocatorSettings(_Strict):
     growth_reserve_max_blocks: int | None = Field(default=None, ge=0)
     # Weight of each finished request in the moving mean of output lengths that sizes reservations.
     output_mean_weight: float = Field(default=0.05, gt=0.0, le=1.0)
-    # The most recently freed share of cached free blocks is left to LRU eviction (placement does not
-    # take them), so recently used prefixes survive as long as vLLM's LRU keeps them. 1.0 = placement
-    # never takes a cached block while an empty one exists.
-    cache_young_fraction: float = Field(default=0.5, ge=0.0, le=1.0)
-    # Eviction of protected cached blocks looks at this many least-recently-used ones and prefers, in
+    # Placement never takes a cached block while a block without a hash is free (as vLLM's free queue).
+    # Eviction of cached blocks looks at this many least-recently-used ones and prefers, in
     # order: fewer prefix hits, keeping the allocation contiguous, fewer free neighbours. 1 = plain LRU
     # (the default: wider windows bought no contiguity and lost prefix hits on the benchmark trace).
     eviction_window: int = Field(default=1, ge=1)
