@@ -18,7 +18,8 @@ when none is left, least recently used first:
    among the oldest `eviction_window` candidates (default 1: plain LRU) the least-hit one (a prefix hit,
    or belonging to a preempted request that will hit it on resume, counts as a use), then the one that
    keeps this allocation contiguous, then the one with fewest free neighbours (taking it shrinks or
-   removes a free run rather than splitting one).
+   removes a free run rather than splitting one); the blocks evicted for one allocation enter the
+   request's table in ascending id order (the same set as LRU, in fewer runs).
 
 Request context (which request allocates, its expected length) comes from thin wrappers around
 `KVCacheManager.allocate_slots`/`free`/`pop_blocks_for_free`/`record_prefix_cache_stats` that
@@ -471,11 +472,15 @@ class BestFitBlockPool(BlockPool):
                 else:
                     for block_id in range(cut + got, end):
                         self._return_to_runs(block_id)
-        # 5. evict cached blocks (no free block without a hash is left), LRU order by `_pick_eviction`
-        while len(out) < num:
-            block = self._pick_eviction(out[-1] if out else tail)
-            self._claim(block.block_id)
-            out.append(block.block_id)
+        # 5. evict cached blocks (no free block without a hash is left), LRU order by `_pick_eviction`;
+        # the evicted set goes into the table in ascending order (same set as LRU, fewer runs)
+        if len(out) < num:
+            evicted: list[int] = []
+            while len(out) + len(evicted) < num:
+                block = self._pick_eviction(evicted[-1] if evicted else (out[-1] if out else tail))
+                self._claim(block.block_id)
+                evicted.append(block.block_id)
+            out.extend(sorted(evicted))
         if rid is not None:
             self._tails[rid] = out[-1]
             self._held[rid] = held + num
