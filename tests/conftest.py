@@ -18,6 +18,8 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+# Replicas poll their engine core this often (default 2 s): tests observe KV changes of short requests.
+os.environ.setdefault("TINYSERVE_STATS_PERIOD_S", "0.25")
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -44,15 +46,22 @@ class ServeHarness:
     """
 
     def __init__(self, model_dir: Path) -> None:
-        import ray
-        from ray import serve
-
         self.model_dir = model_dir
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self._deployed: Any = None
+        self._running = False
+
+    def _ensure_cluster(self) -> None:
+        """Start the shared Ray cluster and Serve's proxy unless they run (lazily: some modules need none)."""
+        if self._running:
+            return
+        import ray
+        from ray import serve
+
         ray.init(num_cpus=16, include_dashboard=False, log_to_driver=False)
         serve.start(http_options={"host": "127.0.0.1", "port": self.port})
+        self._running = True
 
     def config(self, overrides: dict[str, Any] | None = None) -> Any:
         from tinyserve.deployments.config import deep_merge, load_config
@@ -64,6 +73,7 @@ class ServeHarness:
         from tinyserve.serving import start
 
         config = self.config(overrides)
+        self._ensure_cluster()
         if self._deployed != config:
             start(config)
             self._deployed = config
@@ -86,13 +96,30 @@ class ServeHarness:
         return [ray.get(actor.record_routing_stats.remote(), timeout=30) for actor in self.replica_actors()]
 
     def close(self) -> None:
+        """Shut the shared cluster down (idempotent); the next `deploy` starts a new one."""
+        if not self._running:
+            return
         from tinyserve.serving import stop
 
         stop()
+        self._running = False
+        self._deployed = None
+
+
+_HARNESS: list[ServeHarness] = []
 
 
 @pytest.fixture(scope="session")
 def serve_app(tiny_model_dir: Path):
     harness = ServeHarness(tiny_model_dir)
+    _HARNESS.append(harness)
     yield harness
     harness.close()
+
+
+@pytest.fixture(scope="module")
+def own_ray_cluster():
+    """For a module that starts a Ray cluster of its own: the shared one is shut down first (one per process)."""
+    for harness in _HARNESS:
+        harness.close()
+    yield

@@ -162,7 +162,7 @@ def _send_load(base_url: str, model: str, n_requests: int, concurrency: int) -> 
 
 
 @pytest.fixture(scope="module")
-def live(tmp_path_factory):
+def live(tmp_path_factory, own_ray_cluster):
     ray = pytest.importorskip("ray")
     from ray import serve
 

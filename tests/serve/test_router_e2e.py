@@ -19,7 +19,7 @@ BLOCK = 32
 
 
 @pytest.fixture(scope="module")
-def app(tmp_path_factory):
+def app(tmp_path_factory, own_ray_cluster):
     import ray
 
     from tinyserve import serving

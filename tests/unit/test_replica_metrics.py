@@ -77,7 +77,7 @@ def _parse(body: str) -> tuple[dict[str, str], dict[str, list[tuple[dict[str, st
 
 
 @pytest.fixture(scope="module")
-def scraped():
+def scraped(own_ray_cluster):
     ray = pytest.importorskip("ray")
     port = _free_port()
     import sys

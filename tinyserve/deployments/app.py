@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,8 @@ def _replica_env(config: TinyServeConfig) -> dict[str, str]:
         # Block hashes must be reproducible outside the engine (the router recomputes them).
         "PYTHONHASHSEED": "0",
     }
+    if "TINYSERVE_STATS_PERIOD_S" in os.environ:
+        env["TINYSERVE_STATS_PERIOD_S"] = os.environ["TINYSERVE_STATS_PERIOD_S"]
     env.update(config.tinyserve.to_env())
     return env
 

@@ -49,7 +49,8 @@ class TinyServeLLMServer(KVPressureSignals, LLMServer):
     when the plugin is off). Invariant: `record_routing_stats` never waits on the engine core.
     """
 
-    stats_period_s: float = 2.0
+    # How often the engine core is polled; TINYSERVE_STATS_PERIOD_S overrides it (tests poll faster).
+    stats_period_s: float = float(os.environ.get("TINYSERVE_STATS_PERIOD_S", "2.0"))
 
     async def __init__(self, llm_config: Any, **kwargs: Any) -> None:
         from tinyserve.deployments.model_source import ensure_model_dir
