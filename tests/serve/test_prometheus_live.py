@@ -277,11 +277,6 @@ def test_every_dashboard_expression_returns_data(live):
     assert missing == [], "no data for:\n" + "\n".join(missing)
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="the live router does not yet receive the replicas' KV events here "
-    "(tinyserve_router_event_lag_seconds never set, tinyserve_router_index_blocks stays 0); XPASS once it does",
-)
 def test_router_token_panels_return_data(live):
     missing = _missing(live, titles_in=True)
     assert missing == [], "no data for:\n" + "\n".join(missing)
