@@ -7,11 +7,12 @@ One local Ray cluster serves the whole session (starting Ray and vLLM engines co
 from __future__ import annotations
 
 import os
-import socket
 from pathlib import Path
 from typing import Any
 
 import pytest
+
+from tinyserve.ports import free_port
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -31,11 +32,6 @@ def tiny_model_dir() -> Path:
 
     return ensure_model_dir(str(REPO / "models" / "tinyserve-tiny"), {MAKE_SIZE_KEY: "tiny"})
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class ServeHarness:

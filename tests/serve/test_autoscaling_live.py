@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import socket
 import threading
 import time
 import urllib.request
@@ -19,16 +18,13 @@ from pathlib import Path
 
 import pytest
 
+from tinyserve.ports import free_port
+
 pytestmark = pytest.mark.slow
 
 APP = "tinyserve_autoscale"
 MAX_WAIT_S = 300
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _server_cls():
@@ -86,15 +82,15 @@ def cluster(tmp_path_factory, own_ray_cluster):
     os.environ["RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S"] = "1"
     os.environ["RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S"] = "1"
     ray = pytest.importorskip("ray")
-    from ray import cloudpickle, serve
-
     import sys
+
+    from ray import cloudpickle, serve
 
     from tinyserve.deployments import build_llm_config, load_config
 
     cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the composed server class lives here
     work = tmp_path_factory.mktemp("autoscale_live")
-    http_port = _free_port()
+    http_port = free_port()
     overrides = {
         "model": {"path": str(work / "tinyserve-tiny"), "make_size": "tiny"},
         "engine": {"max_num_seqs": 1},

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import threading
@@ -25,17 +24,14 @@ from typing import Any
 import pytest
 import yaml
 
+from tinyserve.ports import free_port
+
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[2]
 DASHBOARD = ROOT / "k8s" / "grafana" / "tinyserve-dashboard.json"
 SCRAPE_INTERVAL_S = 2
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _get_json(url: str, timeout: float = 30.0) -> Any:
@@ -68,7 +64,7 @@ class PrometheusServer:
         binary = shutil.which("prometheus")
         if binary is None:
             pytest.skip("prometheus (Debian package) not installed")
-        self.port = _free_port()
+        self.port = free_port()
         config = {
             "global": {"scrape_interval": f"{SCRAPE_INTERVAL_S}s", "evaluation_interval": f"{SCRAPE_INTERVAL_S}s"},
             "scrape_configs": [
@@ -171,7 +167,7 @@ def live(tmp_path_factory, own_ray_cluster):
     if shutil.which("prometheus") is None:
         pytest.skip("prometheus (Debian package) not installed")
     work = tmp_path_factory.mktemp("prom_live")
-    metrics_port, http_port = _free_port(), _free_port()
+    metrics_port, http_port = free_port(), free_port()
     overrides = {
         "model": {"path": str(work / "tinyserve-tiny"), "make_size": "tiny"},
         "engine": {"max_num_seqs": 8},

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import socket
 import time
 
 import pytest
@@ -13,6 +12,7 @@ from tinyserve.cache_router.block_hashing import BlockHasher, UnreproducibleHash
 from tinyserve.cache_router.kv_block_index import KVBlockIndex
 from tinyserve.cache_router.kv_event_subscriber import KVEventSubscriber
 from tinyserve.cache_router.request_tokenizer import RequestTokenizer
+from tinyserve.ports import free_port_pair
 
 BLOCK = 32
 
@@ -44,18 +44,6 @@ def test_xxhash_without_shared_seed_is_refused(monkeypatch):
         BlockHasher(BLOCK, algo="xxhash")
 
 
-def _free_port_pair() -> int:
-    while True:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        try:
-            with socket.socket() as s2:
-                s2.bind(("127.0.0.1", port + 1))
-            return port
-        except OSError:
-            continue
-
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
@@ -81,7 +69,7 @@ def engine(model_dir):
     }
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
-    port = _free_port_pair()
+    port = free_port_pair()
     llm = LLM(
         model=model_dir,
         block_size=BLOCK,

@@ -7,13 +7,18 @@ Ray's own Prometheus endpoint and checks what a scrape would store.
 from __future__ import annotations
 
 import re
-import socket
 import time
 import urllib.request
 
 import pytest
 
-from tinyserve.deployments.replica_metrics import LABELS, METRIC_SPECS, RAY_PREFIX, metric_names
+from tinyserve.deployments.replica_metrics import (
+    LABELS,
+    METRIC_SPECS,
+    RAY_PREFIX,
+    metric_names,
+)
+from tinyserve.ports import free_port
 
 pytestmark = pytest.mark.slow
 
@@ -55,11 +60,6 @@ def _snapshot(step: int) -> dict:
     }
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def _parse(body: str) -> tuple[dict[str, str], dict[str, list[tuple[dict[str, str], float]]]]:
     helps: dict[str, str] = {}
@@ -79,7 +79,7 @@ def _parse(body: str) -> tuple[dict[str, str], dict[str, list[tuple[dict[str, st
 @pytest.fixture(scope="module")
 def scraped(own_ray_cluster):
     ray = pytest.importorskip("ray")
-    port = _free_port()
+    port = free_port()
     import sys
 
     from ray import cloudpickle

@@ -2,27 +2,20 @@
 
 from __future__ import annotations
 
-import socket
 import time
 
 import pytest
-from vllm.distributed.kv_events import AllBlocksCleared, BlockRemoved, BlockStored, KVEventBatch, ZmqEventPublisher
+from vllm.distributed.kv_events import (
+    AllBlocksCleared,
+    BlockRemoved,
+    BlockStored,
+    KVEventBatch,
+    ZmqEventPublisher,
+)
 
 from tinyserve.cache_router.kv_block_index import KVBlockIndex
 from tinyserve.cache_router.kv_event_subscriber import KVEventSubscriber
-
-
-def _ports() -> int:
-    while True:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        try:
-            with socket.socket() as s2:
-                s2.bind(("127.0.0.1", port + 1))
-            return port
-        except OSError:
-            continue
+from tinyserve.ports import free_port_pair
 
 
 def _stored(hashes, parent=None):
@@ -58,7 +51,7 @@ def _lose_on_wire(pub, batch):
 
 @pytest.fixture
 def endpoints():
-    port = _ports()
+    port = free_port_pair()
     # What a replica reports: the endpoints its engine was configured with (the PUB binds the wildcard).
     return port, f"tcp://*:{port}", f"tcp://*:{port + 1}"
 
@@ -170,7 +163,7 @@ def test_new_engine_pid_in_routing_stats_resyncs_and_remove_drops(endpoints, sub
 
 def test_engine_that_connects_its_pub_is_served_by_a_bound_subscriber(sub):
     """`tcp://127.0.0.1:port` makes vLLM's PUB connect: the subscriber binds it, and restarts still resync."""
-    port = _ports()
+    port = free_port_pair()
     ep, rep = f"tcp://127.0.0.1:{port}", f"tcp://127.0.0.1:{port + 1}"
     pub = ZmqEventPublisher(0, endpoint=ep, replay_endpoint=rep)
     try:

@@ -21,11 +21,12 @@ import json
 import os
 import platform
 import signal
-import socket
 import subprocess
 import time
 from pathlib import Path
 from typing import Any
+
+from tinyserve.ports import free_port
 
 __all__ = ["main", "classify_stream", "run_kill_under_load"]
 
@@ -33,11 +34,6 @@ MODEL = "tinyserve-tiny"
 APP = "faults"
 ATTEMPTS_HEADER = "x-tinyserve-attempts"
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _commit() -> str:
@@ -213,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     from ray import serve
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     ray.init(num_cpus=max(8, 4 * args.replicas + 4), include_dashboard=False, log_to_driver=False)
     results: list[dict] = []

@@ -18,7 +18,6 @@ import asyncio
 import json
 import os
 import re
-import socket
 import statistics
 import time
 import urllib.request
@@ -26,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from tinyserve.bench.router_workloads import WORKLOADS, Session, make_workload
+from tinyserve.ports import free_port
 
 __all__ = ["ROUTER_KINDS", "scrape", "replica_counters", "run_sessions", "main"]
 
@@ -33,11 +33,6 @@ ROUTER_KINDS = ("power_of_two", "prefix_affinity", "query_aware")
 _SAMPLE = re.compile(r'^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})?\s+(\S+)$')
 _TAG = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def scrape(metrics_port: int, prefixes: tuple[str, ...] = ("ray_vllm_", "ray_tinyserve_")) -> list[tuple[str, dict, float]]:
@@ -169,7 +164,10 @@ def calibrate(url: str, model: str, model_dir: str, seed: int = 7) -> dict[str, 
     """Cold TTFT vs prompt tokens (fresh prompts) and decode seconds per token, one request at a time."""
     import random
 
-    from tinyserve.bench.router_workloads import _text, _vocabulary  # the workloads' text generator
+    from tinyserve.bench.router_workloads import (  # the workloads' text generator
+        _text,
+        _vocabulary,
+    )
     from tinyserve.cache_router.request_tokenizer import RequestTokenizer
 
     tokenizer = RequestTokenizer(model_dir)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import socket
 import time
 from typing import Any
 
@@ -21,23 +20,10 @@ from ray.serve.llm.deployment import LLMServer
 
 from tinyserve.autoscaling.replica_hook import KVPressureSignals
 from tinyserve.engine.stats_channel import STATS_METHOD
+from tinyserve.ports import free_port_pair
 
 __all__ = ["TinyServeLLMServer"]
 
-
-def _free_port_pair(host: str = "127.0.0.1") -> int:
-    """A port p such that p and p+1 were both free a moment ago (publisher and replay sockets)."""
-    for _ in range(64):
-        with socket.socket() as a:
-            a.bind((host, 0))
-            port = a.getsockname()[1]
-            with socket.socket() as b:
-                try:
-                    b.bind((host, port + 1))
-                except OSError:
-                    continue
-                return port
-    raise RuntimeError("no free pair of loopback ports for KV events")
 
 
 class TinyServeLLMServer(KVPressureSignals, LLMServer):
@@ -58,7 +44,7 @@ class TinyServeLLMServer(KVPressureSignals, LLMServer):
         ensure_model_dir(llm_config.model_loading_config.model_source, llm_config.experimental_configs)
         events = llm_config.engine_kwargs.get("kv_events_config")
         if events is not None and events.get("endpoint", "").endswith(":0"):
-            port = _free_port_pair()
+            port = free_port_pair()
             events = dict(events, endpoint=f"tcp://127.0.0.1:{port}", replay_endpoint=f"tcp://127.0.0.1:{port + 1}")
             # Updates the engine config LLMConfig caches (and pickles) as well as engine_kwargs.
             llm_config.update_engine_kwargs(kv_events_config=events)
