@@ -270,23 +270,7 @@ def cmd_report(args: argparse.Namespace) -> int:
                          f"{r['tinyserve_itl_ms']:.2f} | {r['stock_tokens_per_s']:.0f} | "
                          f"{r['tinyserve_tokens_per_s']:.0f} | {r['speedup']:.2f}x | "
                          f"{c['stock'] / c['of']:.2f} / {c['tinyserve'] / c['of']:.2f}")
-    chat = {variant(p): p for p in parts if p["workload"] == "chat"}
-    if "stock" in chat and len(chat) > 1:
-        s = chat.pop("stock")
-        name, t = next(iter(chat.items()))
-        ks, kt = s.get("kv_samples", {}), t.get("kv_samples", {})
-        result["chat"] = dict(variant=name, stock=dict(**s["summary"], kv=ks), tinyserve=dict(**t["summary"], kv=kt),
-                              tinyserve_pool=t.get("tinyserve_stats", {}).get("kv", {}),
-                              throughput_ratio=t["summary"]["generated_tokens_per_s"]
-                              / s["summary"]["generated_tokens_per_s"])
-        lines.append(f"shared-prefix chat ({name}), {len(s['turns'])} turns x {s['turns'][0]['requests']} "
-                     "conversations: metric | stock | TinyServe")
-        for key in ("generated_tokens_per_s", "total_tokens_per_s", "ttft_ms_median", "prefix_hit_rate"):
-            lines.append(f"{key} | {s['summary'][key]:.3f} | {t['summary'][key]:.3f}")
-        for key in ("runs_per_request_mean", "runs_per_request_max_seen", "free_runs", "free_space_scatter",
-                    "token_slot_utilisation", "effective_capacity"):
-            if key in ks and key in kt:
-                lines.append(f"{key} (sampled) | {ks[key]:.3f} | {kt[key]:.3f}")
+    result["chat"] = _chat_summary([p for p in parts if p["workload"] == "chat"], lines)
     print("\n".join(lines))
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -296,6 +280,48 @@ def cmd_report(args: argparse.Namespace) -> int:
     _plot(result, Path(f"{stem}.png"))
     print(f"wrote {stem}.json and .png")
     return 0
+
+
+_CHAT_KEYS = ("generated_tokens_per_s", "total_tokens_per_s", "ttft_ms_median", "prefix_hit_rate")
+_KV_KEYS = ("runs_per_request_mean", "runs_per_request_max_seen", "free_runs", "free_space_scatter",
+            "token_slot_utilisation", "effective_capacity")
+
+
+def _chat_summary(parts: list[dict[str, Any]], lines: list[str]) -> dict[str, Any]:
+    """Stock against TinyServe on the chat workload, over every repeat given (the i-th run of each engine
+    pairs with the other's i-th run); appends the table to ``lines``."""
+    runs: dict[str, list[dict[str, Any]]] = {}
+    for p in parts:
+        runs.setdefault(variant(p), []).append(p)
+    stock = runs.pop("stock", [])
+    if not stock or not runs:
+        return {}
+    name, tiny = next(iter(runs.items()))
+
+    def mean(ps: list[dict[str, Any]], key: str, field: str = "summary") -> float:
+        return sum(p.get(field, {})[key] for p in ps) / len(ps)
+
+    ratios = [t["summary"]["generated_tokens_per_s"] / s["summary"]["generated_tokens_per_s"]
+              for s, t in zip(stock, tiny)]
+    out = dict(variant=name, repeats=min(len(stock), len(tiny)),
+               stock={k: mean(stock, k) for k in _CHAT_KEYS}, tinyserve={k: mean(tiny, k) for k in _CHAT_KEYS},
+               stock_runs=[p["summary"] for p in stock], tinyserve_runs=[p["summary"] for p in tiny],
+               throughput_ratio=mean(tiny, "generated_tokens_per_s") / mean(stock, "generated_tokens_per_s"),
+               throughput_ratio_per_repeat=ratios,
+               tinyserve_pool=tiny[-1].get("tinyserve_stats", {}).get("kv", {}))
+    kv_keys = [k for k in _KV_KEYS if all(k in p.get("kv_samples", {}) for p in stock + tiny)]
+    out["stock"]["kv"] = {k: mean(stock, k, "kv_samples") for k in kv_keys}
+    out["tinyserve"]["kv"] = {k: mean(tiny, k, "kv_samples") for k in kv_keys}
+    s0 = stock[0]
+    lines.append(f"shared-prefix chat ({name}), {len(s0['turns'])} turns x {s0['turns'][0]['requests']} "
+                 f"conversations, mean of {out['repeats']} repeats: metric | stock | TinyServe")
+    for key in _CHAT_KEYS:
+        lines.append(f"{key} | {out['stock'][key]:.3f} | {out['tinyserve'][key]:.3f}")
+    for key in kv_keys:
+        lines.append(f"{key} (sampled) | {out['stock']['kv'][key]:.3f} | {out['tinyserve']['kv'][key]:.3f}")
+    lines.append("generated tokens/s TinyServe / stock per repeat: "
+                 + ", ".join(f"{r:.3f}" for r in ratios) + f" (of the means: {out['throughput_ratio']:.3f})")
+    return out
 
 
 def _plot(result: dict[str, Any], path: Path) -> None:

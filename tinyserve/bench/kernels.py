@@ -24,9 +24,9 @@ import sys
 from pathlib import Path
 
 HQ, HKV, D = 32, 8, 128
-VARIANTS = ("mma2", "mma3", "simt")   # attention kernels timed beside the default (TINYSERVE_ATTN)
-SPARSE_VARIANTS = (("simt", "two_pass"), ("mma3", "two_pass"), ("mma2", "fused"),
-                   ("mma3", "fused"))   # (TINYSERVE_ATTN, TINYSERVE_SELECT) at bs64, 1/16
+VARIANTS = ("mma2", "mma3", "mma2x2", "simt")   # attention kernels timed beside the default (TINYSERVE_ATTN)
+SPARSE_VARIANTS = (("simt", "two_pass"), ("mma2", "two_pass"), ("mma2x2", "two_pass"), ("mma2x2", "fused"),
+                   ("mma2", "last"), ("mma3", "last"))   # (TINYSERVE_ATTN, TINYSERVE_SELECT) at bs64, 1/16
 
 
 class _env:
@@ -246,12 +246,15 @@ def _point(bench, b: int, ctx: int, budgets: list[float], copy_gbs: float, rows:
                         ms2 = bench(_graphed(sparse))
                     record(f"sparse_bs64_1/16_{attn}_{select}", ms2, nbytes, speedup_vs_sdpa=sdpa_ms / ms2,
                            err_vs_default=_rel(o2, out))
-                # the default pipeline's stages timed alone
+                # the pipeline's stages timed alone
                 ms_sc = bench(_graphed(lambda: ops.page_scores(q, kmin, kmax, btb, sl, bs)))
                 record("stage_page_scores_bs64", ms_sc, meta_bytes)
                 scores = ops.page_scores(q, kmin, kmax, btb, sl, bs)
                 ms_sel = bench(_graphed(lambda: ops.select_pages(scores, sl, bs, budget)))
                 record("stage_select_pages_bs64_1/16", ms_sel, scores.numel() * 4)
+                cnt = ops._counters(b * HKV, q.device)
+                ms_sel = bench(_graphed(lambda: ops._score_select_last(q, kmin, kmax, btb, sl, bs, budget, 1, cnt)))
+                record("stage_score_select_last_bs64_1/16", ms_sel, meta_bytes)
                 ms_att = bench(_graphed(lambda: ops.sparse_paged_decode_attention(
                     q, kcb, vcb, btb, sl, sel, scale, num_selected=nsel)))
                 record("stage_attention_bs64_1/16", ms_att, nbytes - meta_bytes)

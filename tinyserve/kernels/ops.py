@@ -42,8 +42,9 @@ _LOG2E = 1.4426950408889634
 _MAX_PAGES_PER_SPLIT = 2048
 _MIN_TOKENS_PER_SPLIT = 64
 _TOKENS_PER_SPLIT = 1024
-_MMA_MINB = 2            # CTAs per multiprocessor the default tensor-core kernel is built for (measured best)
+_MMA_DEFAULT = "mma2x2"  # default tensor-core kernel: 2 CTAs per multiprocessor, 2 steps loaded together
 _FUSED_SELECT_MAX_CANDIDATES = 8192   # SEL_SMEM_KEYS in page_select.cu
+_METADATA_SMALL_WRITE = 512   # tokens up to which each metadata-merge thread folds one token (decode steps)
 
 
 def cuda_enabled(*tensors: Tensor) -> bool:
@@ -80,10 +81,17 @@ def plan_splits(batch: int, num_kv_heads: int, max_list_pages: int, block_size: 
 
 
 def _attn_variant() -> str:
-    """Attention kernel: ``TINYSERVE_ATTN`` = mma (default; tensor cores, CTAs per SM from _MMA_MINB),
-    mma2 / mma3 (tensor cores, register budget for 2 / 3 CTAs per SM) or simt (the first kernel)."""
+    """Attention kernel: ``TINYSERVE_ATTN`` = mma (the default, _MMA_DEFAULT), mmaM or mmaMxN (tensor
+    cores; register budget for M CTAs per multiprocessor, N 16-token steps loaded together), or simt
+    (the first, CUDA-core kernel)."""
     v = os.environ.get("TINYSERVE_ATTN", "mma")
-    return f"mma{_MMA_MINB}" if v == "mma" else v
+    return _MMA_DEFAULT if v == "mma" else v
+
+
+def _mma_shape(variant: str) -> tuple[int, int]:
+    """(CTAs per multiprocessor, steps loaded together) of an ``mmaM[xN]`` variant name."""
+    minb, _, nsub = variant[3:].partition("x")
+    return int(minb), int(nsub or 1)
 
 
 @functools.lru_cache(maxsize=4096)
@@ -132,7 +140,7 @@ def _attention(query: Tensor, key_cache: Tensor, value_cache: Tensor, block_tabl
     if out is None:
         out = torch.empty_like(query)
     if variant.startswith("mma"):
-        minb = int(variant[3:])
+        minb, nsub = _mma_shape(variant)
         splits, pps = plan_splits_mma(b * hkv, max_list, bs, minb * loader.num_sms(query.device.index or 0))
         counters = _counters(b * hkv, query.device) if splits > 1 else None
     else:
@@ -147,7 +155,7 @@ def _attention(query: Tensor, key_cache: Tensor, value_cache: Tensor, block_tabl
               _p(num_selected), _i(block_tables.stride(0)), _i(max_list if selected is not None else 0), _i(hkv),
               _i(bs.bit_length() - 1), _i(pps), np.float32(scale * _LOG2E), _p(part_acc), _p(part_ml))
     if variant.startswith("mma"):
-        fn = loader.kernel("paged_attention.cu", f"paged_decode_mma<{t},{d},{g},{minb}>")
+        fn = loader.kernel("paged_attention.cu", f"paged_decode_mma<{t},{d},{g},{minb},{nsub}>")
         loader.launch(fn, (splits, hkv, b), (128,), common + (_p(counters), _p(out)), shared_mem=4 * pps)
     else:
         unroll = 4 if g <= 4 else 2
@@ -226,17 +234,24 @@ def query_aware_decode(query: Tensor, key_cache: Tensor, value_cache: Tensor, ke
                        key_max: Tensor, block_tables: Tensor, seq_lens: Tensor, scale: float,
                        block_size: int, budget_tokens: int, num_sink_pages: int = 1,
                        out: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
-    """Score, select and attend: (out, selected, num_selected). Three launches on the CUDA path: page
-    scores, selection, split-K attention whose last CTA per KV head merges the splits.
-    ``TINYSERVE_SELECT=fused`` scores and selects in one launch of one CTA per KV head (faster only when
-    B x Hkv fills the card; see benchmarks/KERNEL_NOTES.md)."""
+    """Score, select and attend: (out, selected, num_selected). On the CUDA path ``TINYSERVE_SELECT``
+    picks how pages are scored and selected: ``two_pass`` (the default: a scoring launch over many CTAs,
+    then a selection launch), ``last`` (one launch: the last scoring CTA of each KV head selects) or
+    ``fused`` (one CTA per KV head scores and selects); then split-K attention whose last CTA per KV head
+    merges the splits. All three pick the same pages; benchmarks/KERNEL_NOTES.md has their timings."""
     if not (cuda_enabled(query, key_cache, value_cache) and _attn_ok(query, key_cache)):
         r, s, n = reference.query_aware_decode(query, key_cache, value_cache, key_min, key_max, block_tables,
                                                seq_lens, scale, block_size, budget_tokens, num_sink_pages)
         return (r if out is None else out.copy_(r)), s, n
     bt, sl = _i32(block_tables), _i32(seq_lens)
-    if (os.environ.get("TINYSERVE_SELECT", "two_pass") == "fused" and key_min.dtype == query.dtype
-            and bt.shape[1] - 2 <= _FUSED_SELECT_MAX_CANDIDATES and block_size & (block_size - 1) == 0):
+    mode = os.environ.get("TINYSERVE_SELECT", "two_pass")
+    fusable = (key_min.dtype == query.dtype and bt.shape[1] - 2 <= _FUSED_SELECT_MAX_CANDIDATES
+               and block_size & (block_size - 1) == 0)
+    counters = _counters(bt.shape[0] * key_min.shape[1], query.device) if fusable and mode == "last" else None
+    if counters is not None:
+        sel, nsel = _score_select_last(query.contiguous(), key_min, key_max, bt, sl, block_size, budget_tokens,
+                                       num_sink_pages, counters)
+    elif fusable and mode == "fused":
         sel, nsel = _score_select(query.contiguous(), key_min, key_max, bt, sl, block_size, budget_tokens,
                                   num_sink_pages)
     else:
@@ -244,6 +259,27 @@ def query_aware_decode(query: Tensor, key_cache: Tensor, value_cache: Tensor, ke
         sel, nsel = select_pages(scores, sl, block_size, budget_tokens, num_sink_pages)
     o = _attention(query.contiguous(), key_cache, value_cache, bt, sl, sel, nsel, scale, out)
     return o, sel, nsel
+
+
+def _score_select_last(query: Tensor, key_min: Tensor, key_max: Tensor, bt: Tensor, sl: Tensor,
+                       block_size: int, budget_tokens: int, num_sink_pages: int,
+                       counters: Tensor) -> tuple[Tensor, Tensor]:
+    """Scoring over many blocks and selection by the last block of each row, one launch (same pages as
+    page_scores + select_pages)."""
+    b, hq, d = query.shape
+    hkv = key_min.shape[1]
+    p = bt.shape[1]
+    k = min(p, budget_pages(budget_tokens, block_size, num_sink_pages))
+    sel = torch.empty(b, hkv, k, dtype=torch.int32, device=query.device)
+    nsel = torch.empty(b, hkv, dtype=torch.int32, device=query.device)
+    scores = torch.empty(b, hkv, p, dtype=torch.float32, device=query.device)
+    pages_per_block = (512 // (d // 8)) * 8
+    fn = loader.kernel("page_select.cu", f"score_pages_select_last<{_TYPES[query.dtype]},{d},{hq // hkv}>")
+    loader.launch(fn, (math.ceil(p / pages_per_block), hkv, b), (512,), (
+        _p(query), _p(key_min.contiguous()), _p(key_max.contiguous()), _p(bt), _p(sl), _i(bt.stride(0)), _i(p),
+        _i(hkv), _i(block_size.bit_length() - 1), _i(k), _i(num_sink_pages), _p(scores), _p(counters), _p(sel),
+        _p(nsel)))
+    return sel, nsel
 
 
 def _score_select(query: Tensor, key_min: Tensor, key_max: Tensor, bt: Tensor, sl: Tensor, block_size: int,
@@ -280,8 +316,9 @@ def update_page_metadata(key_min: Tensor, key_max: Tensor, key: Tensor, slot_map
     reset = loader.kernel("page_metadata.cu", f"page_metadata_reset<{tn}>")
     loader.launch(reset, (t,), (256,), (_p(slots), _i(t), _i(block_size), _i(words), _p(key_min), _p(key_max)))
     merge = loader.kernel("page_metadata.cu", f"page_metadata_merge<{tn}>")
-    grid = min(math.ceil(math.ceil(t / 16) * words / 256), 8 * loader.num_sms(torch.cuda.current_device()))
-    loader.launch(merge, (grid,), (256,), (_p(k), _p(slots), _i(t), _i(block_size), _i(words),
+    chunk = 1 if t <= _METADATA_SMALL_WRITE else 16
+    grid = min(math.ceil(math.ceil(t / chunk) * words / 256), 8 * loader.num_sms(torch.cuda.current_device()))
+    loader.launch(merge, (grid,), (256,), (_p(k), _p(slots), _i(t), _i(chunk), _i(block_size), _i(words),
                                            _p(key_min), _p(key_max)))
     return None
 

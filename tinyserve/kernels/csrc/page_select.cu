@@ -130,9 +130,15 @@ __device__ void select_core(const u32 *s_keys, bool cached, const float *sc, int
       for (int j = tid; j < 256; j += SEL_THREADS) s_hist[j] = 0;
       __syncthreads();
       const u32 prefix = (*s_prefix);
-      for (int j = tid; j < c1 - c0; j += SEL_THREADS) {
-        u32 key = cached ? s_keys[j] : order_key(sc[c0 + j]);
-        if ((key & mask) == prefix) atomicAdd(&s_hist[(key >> shift) & 0xffu], 1);
+      for (int j0 = 0; j0 < c1 - c0; j0 += SEL_THREADS) {   // warp-uniform trip count (match_any)
+        const int j = j0 + tid;
+        u32 digit = 256u;                                     // 256: not counted
+        if (j < c1 - c0) {
+          const u32 key = cached ? s_keys[j] : order_key(sc[c0 + j]);
+          if ((key & mask) == prefix) digit = (key >> shift) & 0xffu;
+        }
+        const u32 peers = __match_any_sync(0xffffffffu, digit);
+        if (digit < 256u && (tid & 31) == __ffs(peers) - 1) atomicAdd(&s_hist[digit], __popc(peers));
       }
       __syncthreads();
       if (tid < 32) {                    // find the digit holding the remaining-th largest key
@@ -279,3 +285,70 @@ __global__ void __launch_bounds__(SEL_THREADS) score_select_pages(
               &s_remaining);
 }
 
+// Scoring spread over many blocks, selection by the last block of each row (one launch): grid
+// (ceil(max_pages / (GPC * SCORE_UNROLL)), Hkv, B), SEL_THREADS threads. Each block scores its pages
+// (page_scores' arithmetic) into `scores` [B, Hkv, max_pages]; the last block of a (sequence, KV head) to
+// finish (atomic ticket in counters[row], reset to 0 by that block; counters start at 0, one launch at a
+// time) reads the row back from L2 and runs select_core. Needs at most SEL_SMEM_KEYS candidates.
+template <typename T, int D, int G>
+__global__ void __launch_bounds__(SEL_THREADS) score_pages_select_last(
+    const u16 *__restrict__ q, const u16 *__restrict__ kmin, const u16 *__restrict__ kmax,
+    const int *__restrict__ bt, const int *__restrict__ seq_lens, int bt_stride, int max_pages, int hkv,
+    int bs_shift, int k, int num_sinks, float *__restrict__ scores, int *__restrict__ counters,
+    int *__restrict__ sel, int *__restrict__ nsel)
+{
+  constexpr int LANES = D / 8;
+  constexpr int GPC = SEL_THREADS / LANES;
+  constexpr int PPC = GPC * SCORE_UNROLL;     // pages a block scores
+  __shared__ u32 s_keys[SEL_SMEM_KEYS];
+  __shared__ int s_hist[256];
+  __shared__ int s_warp[33];
+  __shared__ u32 s_prefix, s_remaining;
+  __shared__ int s_last;
+  const int h = blockIdx.y, b = blockIdx.z, tid = threadIdx.x;
+  const size_t row = (size_t)b * hkv + h;
+  const int npages = (seq_lens[b] + (1 << bs_shift) - 1) >> bs_shift;
+  const int need = k - num_sinks - 1;
+  const int first = blockIdx.x * PPC;
+  float *sc = scores + row * max_pages;
+  if (npages > k && need > 0 && first < npages) {
+    const int lane = tid % LANES, pg = tid / LANES;
+    float qp[8], qn[8];
+    group_query_parts<T, D, G>(q, b, h, hkv, lane, qp, qn);
+    const int *btr = bt + (size_t)b * bt_stride;
+    uint4 rmin[SCORE_UNROLL], rmax[SCORE_UNROLL];
+#pragma unroll
+    for (int u = 0; u < SCORE_UNROLL; ++u) {
+      const int p = first + u * GPC + pg;
+      if (p < npages) {
+        const size_t off = ((size_t)btr[p] * hkv + h) * D + lane * 8;
+        rmin[u] = ldg16(kmin + off);
+        rmax[u] = ldg16(kmax + off);
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < SCORE_UNROLL; ++u) {
+      const int p = first + u * GPC + pg;
+      const float s = page_score<T, LANES>(rmin[u], rmax[u], qp, qn, p < npages);
+      if (lane == 0 && p < npages) sc[p] = s;
+    }
+  }
+  __threadfence();
+  __syncthreads();
+  if (tid == 0) s_last = atomicAdd(&counters[row], 1) == (int)gridDim.x - 1;
+  __syncthreads();
+  if (!s_last) return;
+  __threadfence();
+  if (tid == 0) counters[row] = 0;
+  int *out = sel + row * k;
+  if (npages <= k) {
+    for (int j = tid; j < k; j += SEL_THREADS) out[j] = j < npages ? j : -1;
+    if (tid == 0) nsel[row] = npages;
+    return;
+  }
+  const int c0 = num_sinks, c1 = npages - 1;
+  if (need > 0)
+    for (int j = tid; j < c1 - c0; j += SEL_THREADS) s_keys[j] = order_key(__ldcg(sc + c0 + j));
+  select_core(s_keys, true, nullptr, npages, c0, c1, need, k, out, nsel + row, s_hist, s_warp, &s_prefix,
+              &s_remaining);
+}

@@ -200,7 +200,8 @@ __global__ void __launch_bounds__(D) paged_decode_reduce(
 }
 
 // Tensor-core variant of paged_decode_attention (same grid, arguments and invariants; adds `counters`).
-// MINB: CTAs per multiprocessor the register allocation must allow (2: no spills; 3: more loads in flight).
+// MINB: CTAs per multiprocessor the register allocation must allow (2: no spills; 3: more warps).
+// NSUB: 16-token steps whose K/V loads a warp issues together (more bytes in flight, fewer serial trips).
 //
 // Per warp and step of 16 tokens: S[head, token] = Q . K^T as two m16n8k16 tiles per 16 d (A = the
 // G query heads of the KV head in rows 0..G-1, rows G..15 zero; B = K^T, column n = token), online
@@ -214,7 +215,7 @@ __global__ void __launch_bounds__(D) paged_decode_reduce(
 // With counters != null and S > 1, the last CTA of each (b, KV head) to finish (atomic ticket, reset to
 // 0 by that CTA) merges the S partials and writes the output, so no reduce launch is needed; counters
 // must start at 0 and be used by one launch at a time.
-template <typename T, int D, int G, int MINB>
+template <typename T, int D, int G, int MINB, int NSUB>
 __global__ void __launch_bounds__(128, MINB) paged_decode_mma(
     const u16 *__restrict__ q, const u16 *__restrict__ kc, const u16 *__restrict__ vc,
     const int *__restrict__ bt, const int *__restrict__ seq_lens, const int *__restrict__ sel,
@@ -272,79 +273,84 @@ __global__ void __launch_bounds__(128, MINB) paged_decode_mma(
     const u16 *kh = kc + (size_t)h * D;
     const u16 *vh = vc + (size_t)h * D;
 
-    for (int base = warp * 16; base < ntok; base += 64) {
-      // K rows: tokens base + gid (tile 0) and base + 8 + gid (tile 1)
-      uint4 kr[2][NKL];
+    for (int base = warp * 16 * NSUB; base < ntok; base += 64 * NSUB) {
+      uint4 kr[NSUB][2][NKL], vr[NSUB][4][NVH];
 #pragma unroll
-      for (int n = 0; n < 2; ++n) {
-        const int t = base + n * 8 + gid;
-        if (t < ntok) {
-          const u16 *p = kh + ((size_t)s_phys[t >> bs_shift] * bs + (t & (bs - 1))) * row_stride + tig * 8;
+      for (int sub = 0; sub < NSUB; ++sub) {
+        // K rows: tokens base' + gid (tile 0) and base' + 8 + gid (tile 1), base' = base + 16 * sub
 #pragma unroll
-          for (int i = 0; i < NKL; ++i) kr[n][i] = ld_stream16(p + i * 32);
-        } else {
+        for (int n = 0; n < 2; ++n) {
+          const int t = base + sub * 16 + n * 8 + gid;
+          if (t < ntok) {
+            const u16 *p = kh + ((size_t)s_phys[t >> bs_shift] * bs + (t & (bs - 1))) * row_stride + tig * 8;
 #pragma unroll
-          for (int i = 0; i < NKL; ++i) kr[n][i] = make_uint4(0u, 0u, 0u, 0u);
+            for (int i = 0; i < NKL; ++i) kr[sub][n][i] = ld_stream16(p + i * 32);
+          } else {
+#pragma unroll
+            for (int i = 0; i < NKL; ++i) kr[sub][n][i] = make_uint4(0u, 0u, 0u, 0u);
+          }
+        }
+        // V rows: tokens base' + tig*2 + {0, 1, 8, 9}
+#pragma unroll
+        for (int r = 0; r < 4; ++r) {
+          const int t = base + sub * 16 + tig * 2 + (r & 1) + (r >> 1) * 8;
+          if (t < ntok) {
+            const u16 *p = vh + ((size_t)s_phys[t >> bs_shift] * bs + (t & (bs - 1))) * row_stride + gid * 8;
+#pragma unroll
+            for (int i = 0; i < NVH; ++i) vr[sub][r][i] = ld_stream16(p + i * 64);
+          } else {
+#pragma unroll
+            for (int i = 0; i < NVH; ++i) vr[sub][r][i] = make_uint4(0u, 0u, 0u, 0u);
+          }
         }
       }
-      // V rows: tokens base + tig*2 + {0, 1, 8, 9}
-      uint4 vr[4][NVH];
 #pragma unroll
-      for (int r = 0; r < 4; ++r) {
-        const int t = base + tig * 2 + (r & 1) + (r >> 1) * 8;
-        if (t < ntok) {
-          const u16 *p = vh + ((size_t)s_phys[t >> bs_shift] * bs + (t & (bs - 1))) * row_stride + gid * 8;
+      for (int sub = 0; sub < NSUB; ++sub) {
+        // S = Q . K^T: c[n][0..1] = head gid, tokens base' + 8n + tig*2 + {0,1}
+        float c[2][4];
 #pragma unroll
-          for (int i = 0; i < NVH; ++i) vr[r][i] = ld_stream16(p + i * 64);
-        } else {
+        for (int n = 0; n < 2; ++n) {
+          c[n][0] = c[n][1] = c[n][2] = c[n][3] = 0.f;
 #pragma unroll
-          for (int i = 0; i < NVH; ++i) vr[r][i] = make_uint4(0u, 0u, 0u, 0u);
+          for (int cc = 0; cc < NQC; ++cc) {
+            const uint4 &kv = kr[sub][n][cc >> 1];
+            const u32 b0 = (cc & 1) ? kv.z : kv.x;
+            const u32 b1 = (cc & 1) ? kv.w : kv.y;
+            Mma<T>::run(c[n], qa[cc][0], 0u, qa[cc][1], 0u, b0, b1);
+          }
         }
-      }
-      // S = Q . K^T: c[n][0..1] = head gid, tokens base + 8n + tig*2 + {0,1}
-      float c[2][4];
+        float s[4];
 #pragma unroll
-      for (int n = 0; n < 2; ++n) {
-        c[n][0] = c[n][1] = c[n][2] = c[n][3] = 0.f;
+        for (int n = 0; n < 2; ++n)
 #pragma unroll
-        for (int cc = 0; cc < NQC; ++cc) {
-          const uint4 &kv = kr[n][cc >> 1];
-          const u32 b0 = (cc & 1) ? kv.z : kv.x;
-          const u32 b1 = (cc & 1) ? kv.w : kv.y;
-          Mma<T>::run(c[n], qa[cc][0], 0u, qa[cc][1], 0u, b0, b1);
+          for (int e = 0; e < 2; ++e) {
+            const int t = base + sub * 16 + n * 8 + tig * 2 + e;
+            s[n * 2 + e] = t < ntok ? c[n][e] * scale_log2 : TS_NEG_INF;
+          }
+        float mx = fmaxf(fmaxf(s[0], s[1]), fmaxf(s[2], s[3]));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+        const float mn = fmaxf(m, mx);   // finite: token `base` (sub-step 0) is in range
+        const float alpha = exp2f(m - mn);
+        m = mn;
+        float p[4];
+#pragma unroll
+        for (int e = 0; e < 4; ++e) p[e] = exp2f(s[e] - mn);
+        l = l * alpha + ((p[0] + p[1]) + (p[2] + p[3]));
+        const u32 pa0 = Mma<T>::pack(p[0], p[1]);   // tokens tig*2 + {0,1}
+        const u32 pa2 = Mma<T>::pack(p[2], p[3]);   // tokens 8 + tig*2 + {0,1}
+#pragma unroll
+        for (int j = 0; j < NT; ++j) {
+          const int hv = j >> 3, e = j & 7;
+          const u32 sel_bytes = (e & 1) ? 0x7632u : 0x5410u;
+          const u32 w0 = word_of(vr[sub][0][hv], e >> 1), w1 = word_of(vr[sub][1][hv], e >> 1);
+          const u32 w2 = word_of(vr[sub][2][hv], e >> 1), w3 = word_of(vr[sub][3][hv], e >> 1);
+          const u32 b0 = __byte_perm(w0, w1, sel_bytes);
+          const u32 b1 = __byte_perm(w2, w3, sel_bytes);
+          float cv[4] = {acc[j][0] * alpha, acc[j][1] * alpha, 0.f, 0.f};
+          Mma<T>::run(cv, pa0, 0u, pa2, 0u, b0, b1);
+          acc[j][0] = cv[0]; acc[j][1] = cv[1];
         }
-      }
-      float s[4];
-#pragma unroll
-      for (int n = 0; n < 2; ++n)
-#pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          const int t = base + n * 8 + tig * 2 + e;
-          s[n * 2 + e] = t < ntok ? c[n][e] * scale_log2 : TS_NEG_INF;
-        }
-      float mx = fmaxf(fmaxf(s[0], s[1]), fmaxf(s[2], s[3]));
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-      const float mn = fmaxf(m, mx);               // finite: token `base` is in range
-      const float alpha = exp2f(m - mn);
-      m = mn;
-      float p[4];
-#pragma unroll
-      for (int e = 0; e < 4; ++e) p[e] = exp2f(s[e] - mn);
-      l = l * alpha + ((p[0] + p[1]) + (p[2] + p[3]));
-      const u32 pa0 = Mma<T>::pack(p[0], p[1]);   // tokens tig*2 + {0,1}
-      const u32 pa2 = Mma<T>::pack(p[2], p[3]);   // tokens 8 + tig*2 + {0,1}
-#pragma unroll
-      for (int j = 0; j < NT; ++j) {
-        const int hv = j >> 3, e = j & 7;
-        const u32 sel_bytes = (e & 1) ? 0x7632u : 0x5410u;
-        const u32 w0 = word_of(vr[0][hv], e >> 1), w1 = word_of(vr[1][hv], e >> 1);
-        const u32 w2 = word_of(vr[2][hv], e >> 1), w3 = word_of(vr[3][hv], e >> 1);
-        const u32 b0 = __byte_perm(w0, w1, sel_bytes);
-        const u32 b1 = __byte_perm(w2, w3, sel_bytes);
-        float cv[4] = {acc[j][0] * alpha, acc[j][1] * alpha, 0.f, 0.f};
-        Mma<T>::run(cv, pa0, 0u, pa2, 0u, b0, b1);
-        acc[j][0] = cv[0]; acc[j][1] = cv[1];
       }
     }
     l += __shfl_xor_sync(0xffffffffu, l, 1);
