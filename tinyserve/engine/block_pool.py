@@ -112,6 +112,18 @@ class BestFitBlockPool(BlockPool):
         self._heap_serial = 0
         self.free_block_queue = _FreeQueueView(self)  # type: ignore[assignment]
         self._hits = [0] * num_gpu_blocks
+        # LRU age: `_serial[i]` is the count of cached blocks freed before block i was (set when it joins
+        # `_lru`); a free cached block is among the k least recently used ones if its serial is less than
+        # the LRU head's plus k (blocks leaving the LRU out of order only make it older).
+        self._serial = [0] * num_gpu_blocks
+        self._lru_clock = 0
+        # Growth rooms (once every free block is cached): request id -> [next, end), old never-hit cached
+        # blocks right after the request's last block, taken out of `_lru` so that no other allocation
+        # opens a region there; they stay free and cached (a prefix hit cuts the room) and go back to
+        # the LRU head when the room is dropped. Rooms are never adjacent (an allocated block ends each).
+        self._room_mask = bytearray(num_gpu_blocks)
+        self._rooms: dict[str, list[int]] = {}
+        self._room_owner_at: dict[int, str] = {}  # room start -> request id
         # request id -> [next, end): blocks reserved right after the request's last block
         self._reservations: dict[str, list[int]] = {}
         # Who is allocating now (set by the KVCacheManager wrappers), and per-request placement state.
@@ -139,23 +151,30 @@ class BestFitBlockPool(BlockPool):
             raise ValueError(f"Cannot get {num_blocks} free blocks from the pool")
         request = self._request
         if num_blocks == 1 and request is not None and not self.metrics_collector:
-            # Fast path of decode growth: the next block of the request's own reservation.
+            # Fast path of decode growth: the next block of the request's own reservation, or of its
+            # own room once no free block without a hash is left.
             rid = request.request_id
+            tail = self._tails.get(rid, -2)
             span = self._reservations.get(rid)
-            if span is not None:
+            if span is not None and span[0] == tail + 1:
                 block_id = span[0]
-                if block_id == self._tails.get(rid, -2) + 1:
-                    self._consume_reservation(rid, span, 1)
-                    block = self.blocks[block_id]
-                    self._free_mask[block_id] = 0
-                    self._num_free -= 1
-                    if block.block_hash is not None:
-                        self._uncache_free(block)
-                        self._maybe_evict_cached_block(block)
-                    self._tails[rid] = block_id
-                    self._held[rid] += 1
-                    block.ref_cnt = 1
-                    return [block]
+                self._consume_reservation(rid, span, 1)
+            elif span is None and not self._runs.num_free and not self._reservations:
+                room = self._rooms.get(rid)
+                if room is not None and room[0] == tail + 1:
+                    block_id = room[0]
+                    self._consume_room(rid, room, 1)
+                else:
+                    block_id = -1
+            else:
+                block_id = -1
+            if block_id >= 0:
+                self._claim(block_id)
+                self._tails[rid] = block_id
+                self._held[rid] += 1
+                block = self.blocks[block_id]
+                block.ref_cnt = 1
+                return [block]
         blocks = self.blocks
         metrics = self.metrics_collector
         ret = [blocks[i] for i in self._take(num_blocks)]
@@ -202,12 +221,20 @@ class BestFitBlockPool(BlockPool):
             assert block_id < len(self.blocks)
             block = self.blocks[block_id]
             free_cached = self._free_mask[block_id] and block.block_hash is not None
+            if self._room_mask[block_id]:
+                self._cut_room(block_id)
+                self._in_lru[block_id] = 1
+                self._lru.append(block)
             if free_cached:
                 self._uncache_free(block)
             if self._maybe_evict_cached_block(block) and free_cached:
                 self._make_placeable(block_id)
 
     def reset_prefix_cache(self) -> bool:
+        if self.get_num_free_blocks() != self.num_gpu_blocks - 1:
+            return super().reset_prefix_cache()  # refused: blocks in use
+        for rid in list(self._rooms):
+            self._drop_room(rid)
         cached_free = self._lru_blocks()
         if not super().reset_prefix_cache():
             return False
@@ -267,19 +294,26 @@ class BestFitBlockPool(BlockPool):
             self._runs.add_many(empty_ids)
         if cached:
             in_lru = self._in_lru
+            serial = self._serial
+            clock = self._lru_clock
             for block in cached:
-                free_mask[block.block_id] = 1
-                in_lru[block.block_id] = 1
+                block_id = block.block_id
+                free_mask[block_id] = 1
+                in_lru[block_id] = 1
+                serial[block_id] = clock
+                clock += 1
+            self._lru_clock = clock
             self._lru.append_n(cached)
 
     def _claim(self, block_id: int) -> None:
-        """Mark a free block allocated; it must already be out of `_runs` and unreserved. Evicts its
-        prefix-cache entry (allocation overwrites it)."""
+        """Mark a free block allocated; it must already be out of `_runs`, unreserved and out of any
+        room. Evicts its prefix-cache entry (allocation overwrites it)."""
         block = self.blocks[block_id]
         self._free_mask[block_id] = 0
         self._num_free -= 1
         if block.block_hash is not None:
-            self._uncache_free(block)
+            if self._in_lru[block_id]:
+                self._uncache_free(block)
             self._maybe_evict_cached_block(block)
 
     def _take_specific(self, block_id: int) -> None:
@@ -287,9 +321,11 @@ class BestFitBlockPool(BlockPool):
         block = self.blocks[block_id]
         if self._reserved_mask[block_id]:
             self._unreserve(block_id)
+        elif self._room_mask[block_id]:
+            self._cut_room(block_id)
         elif self._runs.contains(block_id):
             self._runs.remove(block_id)
-        if block.block_hash is not None:
+        if self._in_lru[block_id]:
             self._uncache_free(block)
         self._free_mask[block_id] = 0
         self._num_free -= 1
@@ -373,9 +409,10 @@ class BestFitBlockPool(BlockPool):
 
     # ---- placement -----------------------------------------------------------------------------
 
-    def _expected_more(self, held: int, num: int) -> int:
-        """Blocks worth reserving beyond `num` for the current request's growth."""
-        request = self._request
+    def _expected_more(self, held: int, num: int, request: Any = None) -> int:
+        """Blocks worth reserving beyond `num` for the growth of `request` (default: the current one)."""
+        if request is None:
+            request = self._request
         if request is None:
             return 0
         block_size = self.hash_block_size
@@ -415,7 +452,8 @@ class BestFitBlockPool(BlockPool):
             else:  # stale: its owner's table moved on
                 self._drop_reservation(rid)
         need = num - len(out)
-        if need:
+        extra = -1  # blocks expected beyond this allocation; computed when first needed
+        if need and runs.num_free:
             last = out[-1] if out else tail
             extra = self._expected_more(held + len(out), need) if rid is not None else 0
             # 2. extend own run, else 3. best fit for the expected size, else for what is needed now
@@ -472,19 +510,147 @@ class BestFitBlockPool(BlockPool):
                 else:
                     for block_id in range(cut + got, end):
                         self._return_to_runs(block_id)
-        # 5. evict cached blocks (no free block without a hash is left), LRU order by `_pick_eviction`;
-        # the evicted set goes into the table in ascending order (same set as LRU, fewer runs)
+        # 5. evict cached blocks (no free block without a hash is left): the old ones right after the
+        # request's last block, else a region opened where the least recently used blocks are
         if len(out) < num:
-            evicted: list[int] = []
-            while len(out) + len(evicted) < num:
-                block = self._pick_eviction(evicted[-1] if evicted else (out[-1] if out else tail))
-                self._claim(block.block_id)
-                evicted.append(block.block_id)
-            out.extend(sorted(evicted))
+            last = out[-1] if out else tail
+            need = num - len(out)
+            if extra < 0 or len(out):
+                extra = self._expected_more(held + len(out), need) if rid is not None else 0
+            size = need + extra
+            out.extend(self._evict_contiguous(need, last, size, rid))
         if rid is not None:
             self._tails[rid] = out[-1]
             self._held[rid] = held + num
         return out
+
+    def _age_limit(self) -> int:
+        """Serial below which a free cached block is old enough to be evicted out of LRU order: among
+        the `eviction_age_fraction` least recently used free cached blocks (at least the LRU head)."""
+        queue = self._lru
+        head = queue.fake_free_list_head.next_free_block
+        if head is queue.fake_free_list_tail:
+            return -1
+        return self._serial[head.block_id] + max(1, int(self.settings.eviction_age_fraction * queue.num_free_blocks))
+
+    def _evict_contiguous(self, need: int, last: int, size: int, rid: str | None) -> list[int]:
+        """Claim `need` free cached blocks (no free block without a hash is left) in as few runs as LRU
+        age allows, for a request whose last block is `last` and that expects `size` more blocks.
+
+        A block is taken out of LRU order only if it is old (`_age_limit`) and was never hit (shared
+        prefixes and preempted requests' blocks are left to plain LRU order). In order: the request's own
+        room; old blocks right after `last`; regions opened at the LRU head, extended down over old blocks
+        so that a region of the expected size ends at the head (its blocks freed together with the head,
+        if the request that freed them was contiguous); plain LRU (`_pick_eviction`) when the head was
+        hit. When the LRU holds no block (every free block lies in a room), the rooms go back to the LRU.
+        What is left of `size` afterwards becomes the request's room."""
+        out: list[int] = []
+        in_lru, hits, serial = self._in_lru, self._hits, self._serial
+        limit = self._age_limit()
+        last_id = self.num_gpu_blocks - 1
+        room = self._rooms.get(rid) if rid is not None else None
+        if room is not None:
+            nxt, end = room
+            if nxt == last + 1:
+                got = min(need, end - nxt)
+                self._consume_room(rid, room, got)  # type: ignore[arg-type]
+                for block_id in range(nxt, nxt + got):
+                    self._claim(block_id)
+                out.extend(range(nxt, nxt + got))
+                need -= got
+                last = nxt + got - 1
+            else:  # stale: its owner's table moved on
+                self._drop_room(rid)
+        block_id = last + 1
+        while need and 0 < block_id <= last_id and in_lru[block_id] and not hits[block_id] and serial[block_id] < limit:
+            self._claim(block_id)
+            out.append(block_id)
+            block_id += 1
+            need -= 1
+        queue = self._lru
+        while need:
+            head = queue.fake_free_list_head.next_free_block
+            if head is queue.fake_free_list_tail:
+                self._drop_room(next(iter(self._rooms)))
+                limit = self._age_limit()
+                continue
+            start = head.block_id
+            if hits[start]:
+                block = self._pick_eviction(out[-1] if out else last)
+                self._claim(block.block_id)
+                out.append(block.block_id)
+                need -= 1
+                continue
+            lowest = max(1, start - (need + size) + 1)
+            while start > lowest and in_lru[start - 1] and not hits[start - 1] and serial[start - 1] < limit:
+                start -= 1
+            block_id = start
+            while need and block_id <= last_id and in_lru[block_id] and (
+                block_id == head.block_id or (not hits[block_id] and serial[block_id] < limit)
+            ):
+                self._claim(block_id)
+                out.append(block_id)
+                block_id += 1
+                need -= 1
+        size -= len(out)
+        if rid is not None and size > 0 and out:
+            self._open_room(rid, out[-1] + 1, size, limit)
+        return out
+
+    def _open_room(self, rid: str, start: int, size: int, limit: int) -> None:
+        """Make the old, never-hit cached blocks from `start` (at most `size`) `rid`'s room."""
+        in_lru, hits, serial, blocks = self._in_lru, self._hits, self._serial, self.blocks
+        end = start
+        stop = min(start + size, self.num_gpu_blocks)
+        remove = self._lru.remove
+        while end < stop and in_lru[end] and not hits[end] and serial[end] < limit:
+            remove(blocks[end])
+            in_lru[end] = 0
+            end += 1
+        if end > start:
+            self._drop_room(rid)
+            self._rooms[rid] = [start, end]
+            self._room_owner_at[start] = rid
+            self._room_mask[start:end] = b"\x01" * (end - start)
+
+    def _consume_room(self, rid: str, room: list[int], got: int) -> None:
+        """The owner takes the first `got` blocks of its room."""
+        nxt, end = room
+        self._room_mask[nxt : nxt + got] = bytes(got)
+        del self._room_owner_at[nxt]
+        if nxt + got == end:
+            del self._rooms[rid]
+        else:
+            room[0] = nxt + got
+            self._room_owner_at[nxt + got] = rid
+
+    def _drop_room(self, rid: str | None) -> None:
+        """Give `rid`'s room back to the LRU, at its head (its blocks were the oldest when taken)."""
+        room = self._rooms.pop(rid, None) if rid is not None else None
+        if room is not None:
+            self._return_room_blocks(room[0], room[1])
+            del self._room_owner_at[room[0]]
+
+    def _return_room_blocks(self, start: int, end: int) -> None:
+        if end > start:
+            self._room_mask[start:end] = bytes(end - start)
+            self._in_lru[start:end] = b"\x01" * (end - start)
+            self._lru.prepend_n(self.blocks[start:end])
+
+    def _cut_room(self, block_id: int) -> None:
+        """A room block leaves (prefix hit, compaction): the owner keeps the part before it, the part
+        after it goes back to the LRU."""
+        start = self._room_mask.rfind(0, 0, block_id) + 1
+        rid = self._room_owner_at[start]
+        room = self._rooms[rid]
+        end = room[1]
+        self._room_mask[block_id] = 0
+        self._return_room_blocks(block_id + 1, end)
+        if block_id == start:
+            del self._rooms[rid]
+            del self._room_owner_at[start]
+        else:
+            room[1] = block_id
 
     def _pick_eviction(self, after: int) -> KVCacheBlock:
         """Among the `eviction_window` least recently used cached blocks: fewest hits, then the block
@@ -521,6 +687,7 @@ class BestFitBlockPool(BlockPool):
     def forget_request(self, request_id: str) -> None:
         """The request's blocks went back (finished, aborted or preempted): drop its placement state."""
         self._drop_reservation(request_id)
+        self._drop_room(request_id)
         request = self._requests.pop(request_id, None)
         if request is not None and request.is_finished():
             alpha = self.settings.output_mean_weight
@@ -568,14 +735,21 @@ class BestFitBlockPool(BlockPool):
         for rid, (nxt, end) in self._reservations.items():  # never adjacent: the owner scan finds starts
             assert nxt == 0 or not self._reserved_mask[nxt - 1]
             assert any(entry[2] == rid and -entry[0] >= end - nxt for entry in self._reservation_heap)
-        cached = {b.block_id for b in self._lru_blocks()}
-        assert len(cached) == self._lru.num_free_blocks
+        roomed = {i for nxt, end in self._rooms.values() for i in range(nxt, end)}
+        assert roomed == {i for i, r in enumerate(self._room_mask) if r}
+        assert self._room_owner_at == {room[0]: rid for rid, room in self._rooms.items()}
+        for nxt, end in self._rooms.values():  # never adjacent: the owner scan finds starts
+            assert nxt < end and (nxt == 0 or not self._room_mask[nxt - 1])
+        assert not roomed & reserved
+        lru = {b.block_id for b in self._lru_blocks()}
+        assert len(lru) == self._lru.num_free_blocks and not lru & roomed
+        cached = lru | roomed
         for block in self.blocks:
             i = block.block_id
             free = block.ref_cnt == 0 and not block.is_null
             assert self._free_mask[i] == free, block
             assert (i in cached) == (free and block.block_hash is not None), block
-            assert (self._in_lru[i] != 0) == (i in cached)
+            assert (self._in_lru[i] != 0) == (i in lru)
             placeable = free and i not in reserved and self._placeable(i)
             assert self._runs.contains(i) == placeable, (block, self._hits[i], i in reserved)
             assert not (i in reserved and not free)

@@ -43,6 +43,9 @@ class AllocatorSettings(_Strict):
     # order: fewer prefix hits, keeping the allocation contiguous, fewer free neighbours. 1 = plain LRU
     # (the default: wider windows bought no contiguity and lost prefix hits on the benchmark trace).
     eviction_window: int = Field(default=1, ge=1)
+    # Once every free block is cached, an allocation may evict an old, never-hit cached block out of LRU
+    # order to stay contiguous: one among this fraction of the least recently used free cached blocks.
+    eviction_age_fraction: float = Field(default=0.5, gt=0.0, le=1.0)
 
 
 class SelectionSettings(_Strict):
