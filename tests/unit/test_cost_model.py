@@ -108,11 +108,90 @@ def test_approximate_replicas_learn_from_decisions():
     idx.add_replica("x", exact=False)
     idx.add_replica("y", exact=False)
     pol = RoutingPolicy(idx, CostModel(), BS, balance_factor=100.0)
-    chain = [7, 8, 9]
-    d = pol.choose("xy", {}, chain, 3 * BS, now=0.0)
-    pol.record_routed(1, d.ranked[0], chain, 3 * BS, 0, now=0.0)
+    chain = list(range(7, 27))  # 640 tokens: their prefill outweighs x's one request more than its share
+    d = pol.choose("xy", {}, chain, 20 * BS, now=0.0)
+    pol.record_routed(1, d.ranked[0], chain, 20 * BS, 0, now=0.0)
     pol.complete(1)
-    d2 = pol.choose("xy", {}, chain, 3 * BS, now=1.0)
-    assert d2.ranked[0] == d.ranked[0] and d2.best_prefix_blocks == 3
+    d2 = pol.choose("xy", {}, chain, 20 * BS, now=1.0)
+    assert d2.ranked[0] == d.ranked[0] and d2.best_prefix_blocks == 20
     idx.expire(now=10.0)
-    assert pol.choose("xy", {}, chain, 3 * BS, now=10.0).best_prefix_blocks == 0
+    assert pol.choose("xy", {}, chain, 20 * BS, now=10.0).best_prefix_blocks == 0
+
+
+def _zipf_stream(rng, n_requests, groups, a):
+    weights = [1.0 / (k + 1) ** a for k in range(groups)]
+    return [rng.choices(range(groups), weights=weights)[0] for _ in range(n_requests)]
+
+
+def test_recent_requests_stay_within_the_balance_factor_under_a_skewed_popularity():
+    """Whatever the popularity, once the mean is past the slack no replica holds more than the factor × mean,
+    and each prefix lives on few replicas (a hot one spreads, the rest stay put)."""
+    idx, pol = _policy()  # defaults: balance_factor 1.25, share_slack 3
+    rng = random.Random(1)
+    chains = {g: [g * 1000 + i for i in range(40)] for g in range(8)}  # 40 blocks each, no common prefix
+    counts = {r: 0 for r in "abcd"}
+    holders: dict[int, set] = {g: set() for g in chains}
+    for i, g in enumerate(_zipf_stream(rng, 200, 8, 1.5)):
+        d = pol.choose("abcd", {}, chains[g], 40 * BS, now=float(i))
+        r = d.ranked[0]
+        counts[r] += 1
+        holders[g].add(r)
+        pol.record_routed(i, r, chains[g], 40 * BS, d.prefix_blocks[r], now=float(i))
+        idx.store(r, chains[g])
+        if i >= 4:  # four requests in flight
+            pol.complete(i - 4)
+        if i >= 40:
+            mean = (i + 1) / 4
+            assert max(counts.values()) <= 1.25 * mean + 1, (i, counts)
+    assert max(counts.values()) / (sum(counts.values()) / 4) <= 1.25
+    hot = max(holders, key=lambda g: len(holders[g]))
+    assert 2 <= len(holders[hot]) <= 4
+    assert sum(len(h) for h in holders.values()) <= len(holders) + 6  # few cold copies in 200 requests
+
+
+def test_a_small_shared_overlap_does_not_pull_new_prefixes_onto_busy_replicas():
+    """A shared instruction (2 blocks) held by a and b, which served recent requests, loses to an idle
+    replica's share deficit for a request whose own document is new (weights as calibrated on this CPU)."""
+    idx = KVBlockIndex()
+    for r in "abcd":
+        idx.add_replica(r, exact=True)
+    pol = RoutingPolicy(idx, CostModel(CostWeights(prefill_s_per_token=1.85e-4, decode_s_per_request=0.048)), BS)
+    instruction = [1, 2]
+    for i, r in enumerate("abab"):
+        pol.record_routed(i, r, instruction, 2 * BS, 0, now=0.0)
+        pol.complete(i)
+        idx.store(r, instruction)
+    chain = instruction + list(range(100, 140))
+    d = pol.choose("abcd", {}, chain, 42 * BS, now=1.0)
+    assert d.ranked[0] in "cd" and d.prefix_blocks[d.ranked[0]] == 0
+
+
+def test_a_pinned_session_yields_to_the_share_bound_unless_its_replica_is_idle():
+    idx, pol = _policy()
+    d = pol.choose("abcd", {}, [], 100, now=0.0, session="s")
+    pinned = d.ranked[0]
+    pol.record_routed("t0", pinned, [], 100, 0, now=0.0, session="s")
+    pol.complete("t0")
+    for i in range(7):  # the session's replica takes 7 more requests; nobody else any
+        pol.record_routed(i, pinned, [], 100, 0, now=0.0)
+        pol.complete(i)
+    d2 = pol.choose("abcd", {}, [], 100, now=1.0, session="s")
+    assert d2.ranked[0] == pinned and d2.by_session  # idle: nothing would queue behind the turn
+    pol.record_routed("busy", pinned, [], 100, 0, now=1.0)  # one request in flight there
+    d3 = pol.choose("abcd", {}, [], 100, now=1.0, session="s")
+    assert d3.ranked[0] != pinned and not d3.by_session
+
+
+def test_sequential_requests_of_one_prefix_stay_on_its_idle_replica():
+    idx, pol = _policy()
+    chain = list(range(50))
+    for i in range(12):
+        d = pol.choose("abcd", {}, chain, 50 * BS, now=float(i))
+        r = d.ranked[0]
+        if i:
+            assert r == first and d.prefix_blocks[r] == 50
+        else:
+            first = r
+        pol.record_routed(i, r, chain, 50 * BS, d.prefix_blocks[r], now=float(i))
+        idx.store(r, chain)
+        pol.complete(i)

@@ -114,5 +114,11 @@ def test_exact_replicas_hold_decisions_provisionally_until_events_confirm_or_tim
     assert idx.longest_prefix([1, 2, 3], ["e"]) == {"e": 0}  # 1 evicted, 3 never stored
     assert idx.longest_prefix([2], ["e"]) == {"e": 1}  # confirmed blocks stay
     idx.record_decision("e", [7], now=10.0)
+    idx.store("e", [8])
+    idx.clear("e", keep_provisional=True)  # a resync of the event stream: the decisions stay provisional
+    assert idx.longest_prefix([7], ["e"]) == {"e": 1} and idx.longest_prefix([8], ["e"]) == {"e": 0}
+    idx.store("e", [7])
+    idx.clear("e", keep_provisional=True)  # a confirmed block that is also provisional stays a holder
+    assert idx.longest_prefix([7], ["e"]) == {"e": 1} and idx.num_blocks("e") == 0
     idx.clear("e")  # AllBlocksCleared drops provisional blocks too
     assert idx.longest_prefix([7], ["e"]) == {"e": 0}

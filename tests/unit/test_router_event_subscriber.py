@@ -177,3 +177,23 @@ def test_engine_that_connects_its_pub_is_served_by_a_bound_subscriber(sub):
         assert sub.index.is_exact("r")
     finally:
         pub.shutdown()
+
+
+def test_a_batch_lost_while_the_pub_connects_is_caught_up_without_a_later_batch(sub):
+    """ZMQ's slow joiner: a PUB that connects to the subscriber's bound endpoint drops what it sends before the
+    handshake. On an idle engine no later batch reveals the gap; the catch-up replays after a resync must."""
+    port = free_port_pair()
+    ep, rep = f"tcp://127.0.0.1:{port}", f"tcp://127.0.0.1:{port + 1}"
+    pub = ZmqEventPublisher(0, endpoint=ep, replay_endpoint=rep)
+    try:
+        sub.index.add_replica("r", exact=True)
+        sub.index.record_decision("r", [9], now=time.time())  # the router just sent a request there
+        sub.add("r", ep, rep)
+        assert _wait(lambda: "r" in sub.streams() and sub.streams()["r"].complete)
+        assert sub.index.longest_prefix([9], ["r"]) == {"r": 1}  # the subscription's resync kept it
+        _lose_on_wire(pub, _batch(_stored([1, 2])))  # the request's blocks, published during the handshake
+        assert _wait(lambda: sub.index.holds("r", 2), timeout=4.0)
+        st = sub.streams()["r"]
+        assert st.catch_ups >= 1 and st.next_seq == 1 and st.resyncs == 1
+    finally:
+        pub.shutdown()

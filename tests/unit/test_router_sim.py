@@ -46,3 +46,10 @@ def test_decision_latency_probe_runs_at_small_scale():
     probe = rs.decision_latency_at_scale(replicas=8, blocks_per_replica=2000, decisions=200)
     assert probe["cached_blocks_total"] >= 8 * 1900
     assert 0 < probe["p50_s"] <= probe["p99_s"] <= probe["max_s"]
+
+
+def test_oracle_counts_hits_as_vllm_does():
+    """Whole blocks of earlier prompts, never the block holding a prompt's last token."""
+    reqs = [([1, 2, 3], 3 * 32 + 5), ([1, 2, 3], 3 * 32 + 5), ([1, 2, 3], 3 * 32), ([1, 4], 2 * 32 + 1)]
+    hits = 0 + 3 * 32 + 2 * 32 + 1 * 32
+    assert rs.oracle_hit_rate(reqs, 32) == pytest.approx(hits / sum(t for _, t in reqs))

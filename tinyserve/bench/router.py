@@ -5,10 +5,12 @@ PrefixCacheAffinityRouter, TinyServe's QueryAwareRouter) deploys the TinyServe a
 replicas and replays each workload (`router_workloads`: multi-turn chat with shared system prompts, RAG with
 shared documents, and a hot-prompt chat) over HTTP with streaming, `--repeats` times. Every (router, repeat)
 opens its prompts with its own tag, so no run finds another's prefixes cached. Reported per router and workload: TTFT p50/p90/p99, throughput, prefix-cache hit rate
-from vLLM's own counters (``vllm:prefix_cache_hits`` / ``queries``, scraped from Ray's metrics agent), load
-balance (max/mean requests per replica, from vLLM's request counters), errors; the spread over repeats.
-Also a calibration of the replica model for the simulator (cold TTFT vs prompt length, decode time per
-token). Writes benchmarks/results/router-live-<time>.json and .png.
+from vLLM's own counters (``vllm:prefix_cache_hits`` / ``queries``, scraped from Ray's metrics agent), the
+oracle bound of the same requests in the order they were sent (every request finds the longest prefix any
+earlier one left, nothing evicted; prompts tokenized and hashed as the engine does), load balance (max/mean
+requests per replica, from vLLM's request counters), errors; the spread over repeats.
+Also a calibration, on the first deployment, of the replica model for the simulator (cold TTFT vs prompt
+length, decode time per token), whose weights QueryAwareRouter then routes with. Writes benchmarks/results/router-live-<time>.json and .png.
 """
 
 from __future__ import annotations
@@ -84,17 +86,18 @@ async def _one_turn(client: Any, url: str, model: str, messages: list, max_token
             "stream": True, "ignore_eos": True}
     t0 = time.perf_counter()
     ttft = None
+    sent = {"sent_at": t0}
     try:
         async with client.stream("POST", url + "/v1/chat/completions", json=body, timeout=300) as resp:
             if resp.status_code != 200:
-                return {"ok": False, "status": resp.status_code, "error": (await resp.aread()).decode()[:200]}
+                return {"ok": False, "status": resp.status_code, "error": (await resp.aread()).decode()[:200], **sent}
             async for line in resp.aiter_lines():
                 if ttft is None and line.startswith("data: ") and '"content"' in line:
                     ttft = time.perf_counter() - t0
         total = time.perf_counter() - t0
-        return {"ok": ttft is not None, "ttft_s": ttft, "e2e_s": total}
+        return {"ok": ttft is not None, "ttft_s": ttft, "e2e_s": total, **sent}
     except Exception as exc:  # a failed request is a result, reported as an error
-        return {"ok": False, "error": repr(exc)[:200]}
+        return {"ok": False, "error": repr(exc)[:200], **sent}
 
 
 async def run_sessions(url: str, model: str, sessions: list[Session], progress: bool = True) -> list[dict[str, Any]]:
@@ -111,7 +114,7 @@ async def run_sessions(url: str, model: str, sessions: list[Session], progress: 
         await asyncio.sleep(max(0.0, s.start_s - (time.perf_counter() - start)))
         for t in s.turns:
             r = await _one_turn(client, url, model, t.messages, t.max_tokens)
-            r.update(session=s.id, turn=t.index, group=t.group)
+            r.update(session=s.id, turn=t.index, group=t.group, messages=t.messages)
             results.append(r)
             done += 1
             if progress:
@@ -142,7 +145,19 @@ def balance(per_replica: list[float], n_replicas: int) -> float | None:
     return max(top) / mean if mean else None
 
 
-def summarize(rows: list[dict], counters: dict[str, dict[str, float]], wall_s: float, n_replicas: int) -> dict[str, Any]:
+def oracle_of_rows(rows: list[dict], tokenizer: Any, hasher: Any) -> float:
+    """The oracle bound of the requests that were answered, in the order they were sent."""
+    from tinyserve.bench.router_sim import oracle_hit_rate
+
+    reqs = []
+    for r in sorted((r for r in rows if r.get("ok")), key=lambda r: r["sent_at"]):
+        ids = tokenizer.token_ids({"messages": r["messages"]})
+        reqs.append((hasher.chain(ids), len(ids)))
+    return oracle_hit_rate(reqs, hasher.block_size)
+
+
+def summarize(rows: list[dict], counters: dict[str, dict[str, float]], wall_s: float, n_replicas: int,
+              oracle: float | None = None) -> dict[str, Any]:
     ttft = [r["ttft_s"] for r in rows if r.get("ok")]
     hits = sum(c["hits"] for c in counters.values())
     queries = sum(c["queries"] for c in counters.values())
@@ -155,6 +170,8 @@ def summarize(rows: list[dict], counters: dict[str, dict[str, float]], wall_s: f
         "ttft_p99_s": _pct(ttft, 0.99),
         "throughput_rps": len(ttft) / wall_s if wall_s else None,
         "hit_rate": hits / queries if queries else None,
+        "oracle_hit_rate": oracle,
+        "hit_over_oracle": hits / queries / oracle if queries and oracle else None,
         "requests_per_replica": sorted(per_replica, reverse=True),
         "max_over_mean_requests": balance(per_replica, n_replicas),
     }
@@ -209,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--replicas", type=int, default=4)
     ap.add_argument("--routers", default=",".join(ROUTER_KINDS))
     ap.add_argument("--workloads", default=",".join(WORKLOADS))
-    ap.add_argument("--sessions", type=int, default=24)
+    ap.add_argument("--sessions", type=int, default=48)
     ap.add_argument("--turns", type=int, default=3)
     ap.add_argument("--max-tokens", type=int, default=16)
     ap.add_argument("--sessions-per-s", type=float, default=1.0)
@@ -229,6 +246,9 @@ def main(argv: list[str] | None = None) -> int:
     from tinyserve.bench.router_sim import machine
     from tinyserve.deployments.config import load_config
 
+    from tinyserve.cache_router.block_hashing import BlockHasher
+    from tinyserve.cache_router.request_tokenizer import RequestTokenizer
+
     model_dir = os.path.abspath(args.model_dir or f"models/tinyserve-{args.model}")
     metrics_port, http_port = free_port(), free_port()
     ray.init(address="local", num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False,
@@ -240,6 +260,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for router in args.routers.split(","):
             options = {"tokenizer": model_dir, "hash_seed": "0"} if router == "query_aware" else {}
+            if router == "query_aware" and calibration:
+                options["cost_weights"] = calibration["cost_weights"]
             cfg = load_config(None, overrides={
                 "model": {"id": f"tinyserve-{args.model}", "path": model_dir, "make_size": args.model},
                 "deployment": {"num_replicas": args.replicas},
@@ -251,7 +273,9 @@ def main(argv: list[str] | None = None) -> int:
             t0 = time.time()
             url = serving.start(cfg)
             print(f"   up in {time.time() - t0:.0f} s at {url}", flush=True)
-            if router == "query_aware" and not args.no_calibrate and not calibration:
+            tokenizer = RequestTokenizer(model_dir)  # the replicas' (the model dir exists once they are up)
+            hasher = BlockHasher(cfg.engine.block_size, seed="0")
+            if not args.no_calibrate and not calibration:  # on the first deployment: QueryAwareRouter's weights
                 calibration = calibrate(url, cfg.model.id, model_dir, seed=args.seed + 1000 * len(results))
                 print(f"   calibration: {calibration['replica_model']}", flush=True)
             for rep in range(args.repeats):
@@ -266,10 +290,10 @@ def main(argv: list[str] | None = None) -> int:
                     wall = time.perf_counter() - t1
                     sent = sum(1 for r in rows if r.get("ok"))
                     delta = wait_for_counters(metrics_port, sent, before)
-                    summary = summarize(rows, delta, wall, args.replicas)
+                    summary = summarize(rows, delta, wall, args.replicas, oracle_of_rows(rows, tokenizer, hasher))
                     summary.update(router=router, workload=wl, repeat=rep, wall_s=wall)
                     results.append(summary)
-                    print(f"   {wl}: hit {summary['hit_rate']}, TTFT p50 {summary['ttft_p50_s']}, "
+                    print(f"   {wl}: hit {summary['hit_rate']} (oracle {summary['oracle_hit_rate']}), TTFT p50 {summary['ttft_p50_s']}, "
                           f"p90 {summary['ttft_p90_s']}, max/mean {summary['max_over_mean_requests']}, "
                           f"errors {summary['errors']}", flush=True)
     finally:
@@ -298,7 +322,7 @@ def _aggregate(results: list[dict]) -> list[dict]:
             if not rs:
                 continue
             row = {"router": router, "workload": wl, "repeats": len(rs)}
-            for k in ("hit_rate", "ttft_p50_s", "ttft_p90_s", "ttft_p99_s", "throughput_rps", "max_over_mean_requests"):
+            for k in ("hit_rate", "oracle_hit_rate", "hit_over_oracle", "ttft_p50_s", "ttft_p90_s", "ttft_p99_s", "throughput_rps", "max_over_mean_requests"):
                 vals = [r[k] for r in rs if r[k] is not None]
                 row[k] = statistics.mean(vals) if vals else None
                 row[k + "_range"] = [min(vals), max(vals)] if vals else None
@@ -308,11 +332,12 @@ def _aggregate(results: list[dict]) -> list[dict]:
 
 
 def _table(results: list[dict]) -> str:
-    lines = [f"{'workload':8} {'router':16} {'hit':>13} {'TTFT p50 s':>13} {'TTFT p90 s':>13} {'rps':>6} {'max/mean':>11} {'err':>4}"]
+    lines = [f"{'workload':8} {'router':16} {'hit':>13} {'hit/oracle':>17} {'TTFT p50 s':>13} {'TTFT p90 s':>13} {'rps':>6} {'max/mean':>11} {'err':>4}"]
     fmt = lambda r, k: f"{r[k]:.3f}" if r[k] is not None else "-"  # noqa: E731
     for row in _aggregate(results):
         rng = lambda k: f"{row[k + '_range'][0]:.2f}-{row[k + '_range'][1]:.2f}" if row[k + "_range"] else "-"  # noqa: E731
         lines.append(f"{row['workload']:8} {row['router']:16} {fmt(row, 'hit_rate'):>5} ({rng('hit_rate')}) "
+                     f"{fmt(row, 'hit_over_oracle'):>5} ({rng('hit_over_oracle')}) "
                      f"{fmt(row, 'ttft_p50_s'):>6} ({rng('ttft_p50_s')}) {fmt(row, 'ttft_p90_s'):>6} ({rng('ttft_p90_s')}) "
                      f"{fmt(row, 'throughput_rps'):>6} {fmt(row, 'max_over_mean_requests'):>5} ({rng('max_over_mean_requests')}) "
                      f"{row['errors']:4d}")
@@ -328,9 +353,11 @@ def _plot(results: list[dict], path: Path) -> None:
     agg = _aggregate(results)
     wls = list(dict.fromkeys(r["workload"] for r in agg))
     routers = list(dict.fromkeys(r["router"] for r in agg))
-    metrics = [("hit_rate", "prefix-cache hit rate (vLLM)"), ("ttft_p50_s", "TTFT p50 (s)"),
-               ("ttft_p90_s", "TTFT p90 (s)"), ("max_over_mean_requests", "max/mean requests per replica")]
-    fig, axes = plt.subplots(1, len(metrics), figsize=(5 * len(metrics), 4))
+    metrics = [("hit_rate", "prefix-cache hit rate (vLLM)"), ("hit_over_oracle", "hit rate / oracle bound"),
+               ("ttft_p50_s", "TTFT p50 (s)"), ("ttft_p90_s", "TTFT p90 (s)"), ("ttft_p99_s", "TTFT p99 (s)"),
+               ("max_over_mean_requests", "max/mean requests per replica")]
+    fig, axes = plt.subplots(2, (len(metrics) + 1) // 2, figsize=(5 * ((len(metrics) + 1) // 2), 8))
+    axes = list(axes.flat)
     width = 0.8 / max(1, len(routers))
     for ax, (key, title) in zip(axes, metrics):
         for i, router in enumerate(routers):

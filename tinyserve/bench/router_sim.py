@@ -10,7 +10,8 @@ Routers compared in the same run, on the same workload:
   eviction (highest match if its rate ≥ 10 %, else the replicas holding the least, then the shorter queue);
 - ``tinyserve``: TinyServe's `RoutingPolicy` over an exact `KVBlockIndex` fed by the caches' store/evict events.
 The oracle bound is the hit rate if every request found the longest prefix any earlier request left, with no
-eviction. Reported per router and scale: prefix-cache hit rate, TTFT p50/p90/p99, max/mean requests per
+eviction (`oracle_hit_rate`). Hits count as vLLM's counters do: whole blocks of the prompt, at most
+``(prompt_tokens − 1) // block_size`` of them (the engine always computes the last prompt token). Reported per router and scale: prefix-cache hit rate, TTFT p50/p90/p99, max/mean requests per
 replica, decision latency p50/p99; plus the decision latency at 64 replicas × 100k cached blocks each.
 """
 
@@ -38,7 +39,7 @@ from tinyserve.cache_router.kv_block_index import KVBlockIndex
 from tinyserve.cache_router.request_tokenizer import RequestTokenizer
 from tinyserve.cache_router.routing_policy import RoutingPolicy
 
-__all__ = ["ReplicaModel", "simulate", "decision_latency_at_scale", "main"]
+__all__ = ["ReplicaModel", "simulate", "oracle_hit_rate", "decision_latency_at_scale", "main"]
 
 ROUTERS = ("power_of_two", "prefix_affinity", "tinyserve")
 
@@ -116,6 +117,23 @@ class _Router:
         return d.ranked[0]
 
 
+def _cacheable_blocks(tokens: int, block_size: int) -> int:
+    """Most blocks of a prompt vLLM can take from its prefix cache (it always computes the last token)."""
+    return max(0, tokens - 1) // block_size
+
+
+def oracle_hit_rate(requests: list[tuple[list, int]], block_size: int) -> float:
+    """The oracle bound of `requests` ((block-hash chain, prompt tokens), in arrival order): each finds the
+    longest prefix any earlier request left, and nothing is evicted."""
+    seen: set = set()
+    hit = total = 0
+    for chain, tokens in requests:
+        hit += min(_prefix_len(chain, seen), _cacheable_blocks(tokens, block_size)) * block_size
+        total += tokens
+        seen.update(chain)
+    return hit / total if total else 0.0
+
+
 def _prepare(sessions: list[Session], tokenizer: RequestTokenizer, hasher: BlockHasher) -> list[list[tuple[list, int]]]:
     out = []
     for s in sessions:
@@ -162,12 +180,14 @@ def simulate(
         r = rt.choose(reps, chain, tokens, now, turn.session)
         lat.append(time.perf_counter() - t0)
         rep = reps[r]
-        hit = _prefix_len(chain, rep.cache)
-        oracle_tok += _prefix_len(chain, seen) * bs
+        cacheable = _cacheable_blocks(tokens, bs)
+        held = _prefix_len(chain, rep.cache)
+        hit = min(held, cacheable)
+        oracle_tok += min(_prefix_len(chain, seen), cacheable) * bs
         seen.update(chain)
-        for h in chain[:hit]:
+        for h in chain[:held]:
             rep.cache.move_to_end(h)
-        new = chain[hit:]
+        new = chain[held:]
         for h in new:
             rep.cache[h] = True
         evicted = []

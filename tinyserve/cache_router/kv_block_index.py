@@ -109,11 +109,13 @@ class KVBlockIndex:
             self._approx.pop(replica, None)
             self._capacity.pop(replica, None)
 
-    def clear(self, replica: ReplicaKey) -> None:
-        """Forget every block of a replica (AllBlocksCleared, engine restart, resync)."""
+    def clear(self, replica: ReplicaKey, keep_provisional: bool = False) -> None:
+        """Forget every block of a replica (AllBlocksCleared, engine restart, resync). `keep_provisional`
+        keeps the provisional blocks of recent decisions (a resync of the event stream says nothing about
+        them; they expire on their own)."""
         with self._lock:
             if replica in self._slot:
-                self._clear_locked(replica)
+                self._clear_locked(replica, keep_provisional)
 
     def replicas(self) -> list[ReplicaKey]:
         with self._lock:
@@ -269,14 +271,17 @@ class KVBlockIndex:
             else:
                 del self._holders[h]
 
-    def _clear_locked(self, replica: ReplicaKey) -> None:
+    def _clear_locked(self, replica: ReplicaKey, keep_provisional: bool = False) -> None:
         bit = self._slot[replica]
+        prov = self._provisional[replica]
         for h in self._blocks[replica]:
-            self._drop_holder_locked(h, bit)
-        for h in self._provisional[replica]:
-            self._drop_holder_locked(h, bit)
+            if not (keep_provisional and h in prov):
+                self._drop_holder_locked(h, bit)
+        if not keep_provisional:
+            for h in prov:
+                self._drop_holder_locked(h, bit)
+            self._provisional[replica] = OrderedDict()
         self._blocks[replica] = set()
         self._dups[replica] = {}
-        self._provisional[replica] = OrderedDict()
         if replica in self._approx:
             self._approx[replica] = OrderedDict()

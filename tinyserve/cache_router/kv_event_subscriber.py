@@ -15,6 +15,12 @@ and the index may disagree:
 - ``AllBlocksCleared``: clear the replica.
 A replay that cannot reach back to seq 0 leaves the replica ``complete=False`` (blocks stored before
 the buffer's start are unknown: the index under-counts, it never invents blocks).
+
+A (re)subscribed stream also asks the replay socket a few times shortly afterwards for anything from its
+next expected sequence number on (``catch_up_after_s``): ZMQ drops what a PUB sends before the connection's
+subscription handshake has finished (the "slow joiner"), and a batch lost that way would otherwise wait for
+the next live batch to reveal the gap, which on an idle replica may never come. A resync keeps the
+index's provisional blocks (this router's own recent decisions, not the stream's).
 """
 
 from __future__ import annotations
@@ -65,6 +71,8 @@ class StreamState:
     last_event_lag_s: float = 0.0
     last_batch_at: float = 0.0
     subscribed_at: float = 0.0
+    catch_ups: int = 0
+    catch_up_at: list = field(default_factory=list, repr=False)
     sub: Any = field(default=None, repr=False)
 
 
@@ -81,6 +89,8 @@ class KVEventSubscriber:
         replay_timeout_s: how long to wait for a replay answer before declaring the replay failed.
         root_check: optional ``(token_ids, block_hash, extra_keys) -> bool`` run on root blocks (no parent)
             to prove the router hashes as the engine does; results counted in `StreamState.hash_*`.
+        catch_up_after_s: seconds after each resync at which to ask the replay socket for batches the live
+            socket may have dropped while connecting.
     """
 
     def __init__(
@@ -89,8 +99,10 @@ class KVEventSubscriber:
         on_batch: Callable[[Hashable, float], None] | None = None,
         replay_timeout_s: float = 2.0,
         root_check: Callable[[list, Any, Any], bool] | None = None,
+        catch_up_after_s: tuple[float, ...] = (0.5, 2.0, 5.0),
     ) -> None:
         self.index = index
+        self._catch_up_after_s = catch_up_after_s
         self._root_check = root_check
         self._on_batch = on_batch
         self._replay_timeout_ms = int(replay_timeout_s * 1000)
@@ -190,6 +202,11 @@ class KVEventSubscriber:
                         break
                     if len(frames) == 3:
                         self._on_live(stream, frames[1], frames[2])
+            now = time.time()
+            for stream in list(self._streams.values()):
+                if stream.catch_up_at and stream.catch_up_at[0] <= now:
+                    stream.catch_up_at.pop(0)
+                    self._catch_up(stream)
         for s in self._streams.values():
             s.sub.close(linger=0)
         self._streams.clear()
@@ -273,16 +290,28 @@ class KVEventSubscriber:
             self._apply(stream, seq, payload)
         # else: a batch already applied through replay.
 
-    def _resync(self, stream: StreamState) -> None:
-        """Forget the replica's blocks and rebuild them from the publisher's replay buffer."""
+    def _resync(self, stream: StreamState, catch_up: bool = True) -> None:
+        """Forget the replica's blocks and rebuild them from the publisher's replay buffer; with `catch_up`,
+        schedule the catch-up replays."""
         stream.resyncs += 1
-        self.index.clear(stream.replica)
+        self.index.clear(stream.replica, keep_provisional=True)
         stream.next_seq = None
         stream.complete = False
         self._replay(stream, 0, from_scratch=True)
+        if catch_up and stream.replay_endpoint:
+            now = time.time()
+            stream.catch_up_at = [now + d for d in self._catch_up_after_s]
 
-    def _replay(self, stream: StreamState, start: int, from_scratch: bool = False) -> bool:
-        """Apply buffered batches from `start`; True when the buffer reached back to `start`."""
+    def _catch_up(self, stream: StreamState) -> None:
+        """Apply what the publisher buffered from the next expected batch on (lost to a slow join)."""
+        stream.catch_ups += 1
+        if stream.next_seq is None or not self._replay(stream, stream.next_seq, nothing_is_complete=True):
+            self._resync(stream, catch_up=False)
+
+    def _replay(self, stream: StreamState, start: int, from_scratch: bool = False,
+                nothing_is_complete: bool = False) -> bool:
+        """Apply buffered batches from `start`; True when the buffer reached back to `start` (or, with
+        `nothing_is_complete`, when it holds nothing at or after `start`: nothing was missed)."""
         if not stream.replay_endpoint:
             return False
         sock = self._ctx.socket(zmq.DEALER)
@@ -301,7 +330,7 @@ class KVEventSubscriber:
                         if from_scratch:  # nothing published yet: the next batch is seq 0
                             stream.next_seq = 0
                             stream.complete = True
-                        return from_scratch
+                        return from_scratch or nothing_is_complete
                     return first == start
                 if first is None:
                     first = seq

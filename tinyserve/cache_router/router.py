@@ -73,9 +73,10 @@ class QueryAwareRouter(RequestRouter):
         hash_algo: str | None = None,
         block_size: int | None = None,
         cost_weights: dict[str, float] | None = None,
-        balance_factor: float = 1.3,
-        inflight_slack: float = 3.0,
-        share_slack: float = 4.0,
+        balance_factor: float = 1.25,
+        inflight_slack: float = 2.0,
+        share_slack: float = 3.0,
+        share_half_life: int = 256,
         approx_ttl_s: float = 120.0,
         unhealthy_stats_age_s: float = 30.0,
         silent_stream_s: float = 15.0,
@@ -99,7 +100,8 @@ class QueryAwareRouter(RequestRouter):
         self._first_routed_at: dict[ReplicaID, float] = {}
         self._cost = CostModel(CostWeights(**(cost_weights or {})))
         self._index = KVBlockIndex(approx_ttl_s=approx_ttl_s)
-        self._policy_kwargs = dict(balance_factor=balance_factor, inflight_slack=inflight_slack, share_slack=share_slack)
+        self._policy_kwargs = dict(balance_factor=balance_factor, inflight_slack=inflight_slack,
+                                   share_slack=share_slack, share_half_life=share_half_life)
         self._policy: RoutingPolicy | None = None
         self._hasher: BlockHasher | None = None
         self._tokenizer: RequestTokenizer | None = None

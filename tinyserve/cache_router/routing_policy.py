@@ -1,18 +1,28 @@
 """The routing decision, free of Ray: rank replicas for a request by expected cost, within a balance bound.
 
 For a request with block-hash chain `chain`: every healthy candidate's longest cached prefix (from the
-`KVBlockIndex`) gives its overlap credit; the `CostModel` turns prefix, load and KV pressure into seconds.
+`KVBlockIndex`) gives its overlap credit; the `CostModel` turns prefix, load and KV pressure into seconds,
+and charges each replica for its recent requests above the mean (`CostModel.share_penalty_s`), so that a new
+prefix goes where recent traffic was light rather than where a short shared overlap happens to be.
 Two balance bounds keep a hot prefix from piling onto one replica (the request *spills* to the next
-cheapest replica when its cheapest one is over a bound):
-- in flight: a replica may hold at most ``balance_factor × mean + inflight_slack`` of the requests;
-- share: its recent share of requests (exponentially decayed over ``share_half_life`` decisions) may be
-  at most ``balance_factor × mean + share_slack``.
-A session key (header or OpenAI ``user``) pins later turns to the replica of the first, unless that
-replica is over the in-flight bound. The same object serves the Ray Serve router and the simulator.
+cheapest replica when its cheapest one is over a bound). Each bound caps what a replica would hold after
+taking the request at ``max(balance_factor × level, ceil(level) + slack)``, where ``level`` is the
+per-replica mean after the request:
+- in flight: requests in flight (``inflight_slack``);
+- share: recent requests, exponentially decayed over ``share_half_life`` decisions (``share_slack``); a
+  replica with nothing in flight is exempt (nothing would queue behind the request there).
+The factor is the bound that holds once the mean is a few requests; the integer slack only lets the first
+requests of a burst share a replica (with a mean below one request no ratio can hold). So, whatever the
+prefix popularity, a replica's recent requests stay within ``balance_factor`` of the mean once it exceeds
+``slack / (balance_factor - 1)`` requests, and a hot prefix spreads over as many replicas as its traffic needs
+(each spill pays one cold prefill of the prefix; the cost model sends later ones to replicas that hold it).
+A session key (header or OpenAI ``user``) pins later turns to the replica of the first while that replica
+is within both bounds. The same object serves the Ray Serve router and the simulator.
 """
 
 from __future__ import annotations
 
+import math
 from collections import OrderedDict
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
@@ -64,10 +74,10 @@ class RoutingPolicy:
         index: KVBlockIndex,
         cost: CostModel,
         block_size: int,
-        balance_factor: float = 1.3,
-        inflight_slack: float = 3.0,
-        share_slack: float = 4.0,
-        share_half_life: int = 64,
+        balance_factor: float = 1.25,
+        inflight_slack: float = 2.0,
+        share_slack: float = 3.0,
+        share_half_life: int = 256,
         session_capacity: int = 100_000,
     ) -> None:
         self.index = index
@@ -99,6 +109,10 @@ class RoutingPolicy:
     def prefill_backlog_s(self, replica: Hashable, now: float) -> float:
         s = self._state.get(replica)
         return max(0.0, s.prefill_busy_until - now) if s else 0.0
+
+    def _cap(self, level: float, slack: float) -> float:
+        """Most a replica may hold after a request when the per-replica mean after it is `level`."""
+        return max(self.balance_factor * level, math.ceil(level - 1e-9) + slack)
 
     def _share(self, s: _ReplicaState) -> float:
         return s.share * self._decay ** (self._tick - s.share_tick)
@@ -139,22 +153,25 @@ class RoutingPolicy:
             total_req += req
             total_share += share
             rows.append((cost_of(prompt_tokens, prefix[r] * bs, load), r, req, share))
+        mean_share = total_share / n
+        penalty = self.cost.share_penalty_s
+        rows = [(c + penalty(sh - mean_share), r, req, sh) for c, r, req, sh in rows]
         rows.sort(key=lambda row: row[0])
-        req_cap = self.balance_factor * (total_req + 1) / n + self.inflight_slack
-        share_cap = self.balance_factor * (total_share + 1) / n + self.share_slack
-        eligible = [row[1] for row in rows if row[2] + 1 <= req_cap and row[3] + 1 <= share_cap]
+        req_cap = self._cap((total_req + 1) / n, self.inflight_slack)
+        share_cap = self._cap((total_share + 1) / n, self.share_slack)
+        # An idle replica is never over the share bound: the bound keeps requests from queueing behind a hot
+        # prefix, and nothing queues where nothing is in flight (sequential requests stay where cached).
+        eligible = [row[1] for row in rows if row[2] + 1 <= req_cap and (row[2] == 0 or row[3] + 1 <= share_cap)]
         if not eligible:
             eligible = [row[1] for row in rows]
         spilled = eligible[0] != rows[0][1]
         by_session = False
         if session is not None:
-            # A session's later turns follow its first, bounded by load in flight only (its share of
-            # requests is what its own turns add; the in-flight bound still stops a pile-up).
+            # A session's later turns follow its first while that replica is within both bounds (its turns
+            # count towards its share like any request: a pinned session cannot unbalance the replicas).
             pinned = self._sessions.get(session)
-            row = next((row for row in rows if row[1] == pinned), None) if pinned is not None else None
-            if row is not None and row[2] + 1 <= req_cap:
-                if pinned in eligible:
-                    eligible.remove(pinned)
+            if pinned is not None and pinned in eligible:
+                eligible.remove(pinned)
                 eligible.insert(0, pinned)
                 by_session = True
         eligible_set = set(eligible)
