@@ -1,0 +1,50 @@
+"""The query-aware decode pipeline at one grid point, for a profiler (Nsight Compute) on the GPU machine.
+
+Builds the kernel benchmark's inputs for one (B, context) with 64-token pages and runs the default sparse
+pipeline (page scores, selection, split-K attention) `--repeats` times, then the dense paged kernel once as
+a reference. Usage on the device:
+
+    ncu --clock-control none -k regex:"page_scores|select_pages|paged_decode" --launch-skip 3 \
+        --launch-count 4 --section SpeedOfLight --section Occupancy --section WarpStateStats \
+        python3 benchmarks/kernel_profile.py --batch 8 --context 32768
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+
+import torch
+
+from tinyserve.kernels import ops
+
+HQ, HKV, D, BS = 32, 8, 128, 64
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--context", type=int, default=32768)
+    ap.add_argument("--budget", type=float, default=1 / 16, help="fraction of the context")
+    ap.add_argument("--repeats", type=int, default=2)
+    args = ap.parse_args()
+    b, ctx = args.batch, args.context
+    g = torch.Generator(device="cuda").manual_seed(0)
+    pages = ctx // BS
+    nb = b * pages * 2
+    kc = torch.randn(nb, BS, HKV, D, device="cuda", dtype=torch.bfloat16, generator=g)
+    vc = torch.randn(nb, BS, HKV, D, device="cuda", dtype=torch.bfloat16, generator=g)
+    q = torch.randn(b, HQ, D, device="cuda", dtype=torch.bfloat16, generator=g)
+    bt = torch.randperm(nb, device="cuda", generator=g)[: b * pages].view(b, pages).int()
+    sl = torch.full((b,), ctx, dtype=torch.int32, device="cuda")
+    kmin, kmax = kc.amin(1), kc.amax(1)
+    scale, budget = 1 / math.sqrt(D), int(ctx * args.budget)
+    for _ in range(args.repeats):
+        ops.query_aware_decode(q, kc, vc, kmin, kmax, bt, sl, scale, BS, budget)
+    ops.paged_decode_attention(q, kc, vc, bt, sl, scale)
+    torch.cuda.synchronize()
+    print(f"B={b} context={ctx} pages={pages} budget={budget} tokens: done")
+
+
+if __name__ == "__main__":
+    main()
