@@ -7,16 +7,23 @@ platform picks it where it would pick the stock one. The override is the stock b
 1. KV-cache update: after vLLM writes K/V into the cache, the same keys and slot mapping are folded into the
    layer's page metadata (`tinyserve.engine.page_metadata`): per block and KV head, key min/max.
 2. Metadata build (once per step): finds the decode requests (one query token) with at least
-   `min_context_tokens` of context and their page budgets (`PageSelector`).
+   `min_context_tokens` of context, their page budgets (`PageSelector`), and the kernel's batch for them
+   (lengths and work partition, which do not depend on which pages a head selects).
 3. Attention (per layer): prefill and exempt layers run stock. For the eligible decode requests, the layer's
-   query scores their pages, the best pages within the budget (plus sinks and the page being written) are
-   chosen for all heads of the request, and the stock CPU kernel runs on a rewritten block table row (the
-   selected blocks, the partial one last) and the matching shorter length. Decode attention does not depend
-   on the order of the keys and RoPE is inside the stored keys, so this is exact attention over the selected
-   tokens, and exactly dense attention when every page fits the budget.
+   query scores their pages per KV head (the query heads of a KV head combined), each KV head keeps its own
+   best pages within the budget (plus sinks and the page being written), and the stock CPU kernel attends
+   over them per KV head in one call: the cache, `[num_blocks, num_kv_heads, block_size, 2 * head_dim]`
+   block-major (the CPU backend's only layout, LBHNC), is viewed as a one-KV-head cache of
+   `num_blocks * num_kv_heads` blocks (block b of head h is block `b * num_kv_heads + h`), and each
+   (request, KV head) becomes one sequence of that view: the head's query heads as its query heads, its
+   selected blocks (the partial one last) as its block table row, the tokens they hold as its length.
+   Decode attention does not depend on the order of the keys and RoPE is inside the stored keys, so this is
+   exact attention over each head's selected tokens, and exactly dense attention when every page fits the
+   budget. The step's other rows (prefill chunks, short decodes) run in one stock call beforehand, where
+   the selecting rows are cut to one token; a step whose rows all select skips that call.
 
-The KV cache itself is never copied or re-laid out: the kernel reads it through the rewritten block table;
-metadata is computed from the keys vLLM hands to the cache update, so the cache's internal layout (which
+The KV cache itself is never copied or re-laid out: the kernel reads it through the one-head view and the
+per-head block table; metadata is computed from the keys vLLM hands to the cache update, so the cache's internal layout (which
 differs from the reference's [blocks, block_size, heads, dim]) never has to be read.
 
 Every KV block copy vLLM applies in the worker (`copy_kv_cache_blocks_inplace`, used for copy-on-write and
@@ -49,7 +56,7 @@ from vllm.v1.attention.backends.cpu_attn import (
     CPUAttentionMetadataBuilder,
 )
 
-from tinyserve.engine.page_metadata import page_metadata_store
+from tinyserve.engine.page_metadata import PageMetadata, page_metadata_store
 from tinyserve.engine.page_selector import PageSelector, SelectionCounters
 from tinyserve.engine.settings import SelectionSettings
 
@@ -59,6 +66,9 @@ __all__ = [
     "QueryAwareCPUAttentionMetadata",
     "QueryAwareCPUAttentionMetadataBuilder",
     "DecodeSelectionPlan",
+    "plan_decode_selection",
+    "one_head_cache_view",
+    "head_block_table",
     "install_selection",
     "gather_selection_stats",
     "selection_counters",
@@ -92,22 +102,27 @@ _STATE = _ProcessState()
 
 @dataclass
 class DecodeSelectionPlan:
-    """What one step's eligible decode requests need for selection, shared by all layers of the step.
+    """What one step's eligible decode requests need for per-KV-head selection, shared by all layers of the
+    step (each head of a request selects `selector.num_selected` pages whatever the query, so lengths and the
+    kernel's work partition are known before any layer runs).
 
     rows: batch rows of the eligible requests; query_index: their query token; block_table / seq_lens /
-    budget_pages: their rows; out_block_table / out_seq_lens: full-batch copies that each selecting layer
-    overwrites at `rows` (other rows stay the step's originals, so the stock kernel runs them unchanged).
+    budget_pages: their rows. head_seq_lens / head_query_start_loc / head_scheduler_metadata: the kernel's
+    batch of (request, KV head) sequences over the one-head cache view, request-major (row i, head h is
+    sequence i * num_kv_heads + h). rest: metadata of the stock call for the step's other rows (the selecting
+    rows cut to one token), or None when every row of the step selects.
     """
 
     selector: PageSelector
-    builder: "QueryAwareCPUAttentionMetadataBuilder"
     rows: torch.Tensor
     query_index: torch.Tensor
     block_table: torch.Tensor
     seq_lens: torch.Tensor
     budget_pages: torch.Tensor
-    out_block_table: torch.Tensor
-    out_seq_lens: torch.Tensor
+    head_seq_lens: torch.Tensor
+    head_query_start_loc: torch.Tensor
+    head_scheduler_metadata: torch.Tensor
+    rest: CPUAttentionMetadata | None
 
 
 @dataclass
@@ -130,77 +145,65 @@ class QueryAwareCPUAttentionMetadataBuilder(CPUAttentionMetadataBuilder):
         return md
 
     def _plan(self, md: CPUAttentionMetadata) -> DecodeSelectionPlan | None:
-        settings = self.selector.settings
-        if (not settings.enabled or self.is_cross_attention or self.is_encoder_only_attention
-                or self.window_size != -1 or md.dynamic_causal is not None or not md.causal):
+        if (self.is_cross_attention or self.is_encoder_only_attention or self.window_size != -1
+                or md.dynamic_causal is not None or not md.causal):
             return None
-        num_reqs = md.seq_lens.shape[0]
-        qsl = md.query_start_loc[: num_reqs + 1]
-        query_lens = qsl[1:] - qsl[:-1]
-        seq_lens = md.seq_lens[:num_reqs]
-        rows = torch.nonzero(self.selector.eligible(query_lens, seq_lens)).flatten()
-        if rows.numel() == 0:
-            return None
-        row_seq_lens = seq_lens[rows]
-        return DecodeSelectionPlan(
-            selector=self.selector,
-            builder=self,
-            rows=rows,
-            query_index=qsl[rows].long(),
-            block_table=md.block_table[rows],
-            seq_lens=row_seq_lens,
-            budget_pages=self.selector.budget_pages(row_seq_lens),
-            out_block_table=md.block_table.clone(),
-            out_seq_lens=md.seq_lens.clone(),
-        )
+        return plan_decode_selection(self.selector, md, self.num_heads, self.num_kv_heads, self.head_dim,
+                                     self.dtype, self.isa, self.kv_cache_dtype)
 
-    def scheduler_metadata_for(self, md: CPUAttentionMetadata, seq_lens: torch.Tensor) -> torch.Tensor:
-        """The stock kernel's work partition for these (rewritten) lengths."""
+
+def plan_decode_selection(selector: PageSelector, md: CPUAttentionMetadata, num_heads: int, num_kv_heads: int,
+                          head_dim: int, dtype: torch.dtype, isa: str,
+                          kv_cache_dtype: str) -> DecodeSelectionPlan | None:
+    """The step's selection plan for a causal decoder batch `md` (None when no row selects)."""
+    if not selector.settings.enabled or num_heads % num_kv_heads != 0:
+        return None
+    num_reqs = md.seq_lens.shape[0]
+    qsl = md.query_start_loc[: num_reqs + 1]
+    query_lens = qsl[1:] - qsl[:-1]
+    seq_lens = md.seq_lens[:num_reqs]
+    rows = torch.nonzero(selector.eligible(query_lens, seq_lens)).flatten()
+    if rows.numel() == 0:
+        return None
+
+    def partition(lens: torch.Tensor, starts: torch.Tensor, heads: int, kv_heads: int) -> torch.Tensor:
         return vllm_ops.cpu_attn_get_scheduler_metadata(
-            num_reqs=seq_lens.shape[0],
-            num_heads=self.num_heads,
-            num_kv_heads=self.num_kv_heads,
-            head_dim=self.head_dim,
-            seq_lens=seq_lens,
-            dtype=self.dtype,
-            query_start_loc=md.query_start_loc,
-            causal=md.causal,
-            sliding_window_size=self.window_size,
-            isa=self.isa,
-            enable_kv_split=envs.VLLM_CPU_ATTN_SPLIT_KV,
-            dynamic_causal=md.dynamic_causal,
-            kv_cache_dtype=self.kv_cache_dtype,
-        )
+            num_reqs=lens.shape[0], num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim, seq_lens=lens,
+            dtype=dtype, query_start_loc=starts, causal=True, sliding_window_size=-1, isa=isa,
+            enable_kv_split=envs.VLLM_CPU_ATTN_SPLIT_KV, dynamic_causal=None, kv_cache_dtype=kv_cache_dtype)
 
-
-class _SingleThreaded:
-    """Runs a block with one intra-op thread, then restores the count.
-
-    Selection and metadata upkeep are many small torch ops (~10^5 elements); their intra-op parallel regions
-    cost more than they save, and on a busy (oversubscribed) CPU each region can wait milliseconds for a
-    descheduled thread. The OpenMP pool (and any core binding vLLM gave its threads) is kept while idle.
-    """
-
-    __slots__ = ("threads",)
-
-    def __enter__(self) -> None:
-        self.threads = torch.get_num_threads()
-        if self.threads > 1:
-            torch.set_num_threads(1)
-
-    def __exit__(self, *exc) -> None:
-        if self.threads > 1:
-            torch.set_num_threads(self.threads)
-
-
-_single_threaded = _SingleThreaded()
+    row_seq_lens = seq_lens[rows]
+    budget = selector.budget_pages(row_seq_lens)
+    head_lens = selector.selected_lens(row_seq_lens, budget).repeat_interleave(num_kv_heads).to(md.seq_lens.dtype)
+    head_qsl = torch.arange(rows.numel() * num_kv_heads + 1, dtype=md.query_start_loc.dtype)
+    rest = None
+    if rows.numel() < num_reqs:
+        rest_lens = md.seq_lens.clone()
+        rest_lens[rows] = 1                            # their output is overwritten by the selecting call
+        rest = dataclasses.replace(md, seq_lens=rest_lens,
+                                   scheduler_metadata=partition(rest_lens, md.query_start_loc, num_heads,
+                                                                num_kv_heads))
+    return DecodeSelectionPlan(
+        selector=selector,
+        rows=rows,
+        query_index=qsl[rows].long(),
+        block_table=md.block_table[rows],
+        seq_lens=row_seq_lens,
+        budget_pages=budget,
+        head_seq_lens=head_lens,
+        head_query_start_loc=head_qsl,
+        head_scheduler_metadata=partition(head_lens, head_qsl, num_heads // num_kv_heads, 1),
+        rest=rest,
+    )
 
 
 class QueryAwareCPUAttentionImpl(CPUAttentionBackendImpl):
-    """The stock CPU attention, with page metadata kept on every KV write and page selection at decode.
+    """The stock CPU attention, with page metadata kept on every KV write and per-KV-head page selection at
+    decode.
 
-    Invariant: with no plan for the step (prefill only, selection off, no eligible request) or in an exempt
-    layer, `forward` is exactly the stock forward.
+    Invariant: with no plan for the step (prefill only, selection off, no eligible request), in an exempt
+    layer, or in a layer with per-head extras the one-head view cannot carry (ALiBi slopes, attention sinks,
+    fp8 KV), `forward` is exactly the stock forward.
     """
 
     _layer_index: int | None = None
@@ -212,8 +215,7 @@ class QueryAwareCPUAttentionImpl(CPUAttentionBackendImpl):
         num_blocks, num_kv_heads, block_size, _ = kv_cache.shape
         meta = page_metadata_store().get_or_create(
             layer.layer_name, num_blocks, num_kv_heads, self.head_size, block_size, key.dtype, key.device)
-        with _single_threaded:
-            meta.record(key, slot_mapping)
+        meta.record(key, slot_mapping)
 
     def _is_exempt(self, layer) -> bool:
         if self._layer_index is None:
@@ -229,29 +231,73 @@ class QueryAwareCPUAttentionImpl(CPUAttentionBackendImpl):
                 output_scale=None, output_block_scale=None):
         plan = getattr(attn_metadata, "selection", None)
         meta = page_metadata_store().get(layer.layer_name) if plan is not None else None
-        if plan is None or meta is None or self.is_fp8_kv_cache or self._is_exempt(layer):
+        if (plan is None or meta is None or self.is_fp8_kv_cache or self.alibi_slopes is not None
+                or self.sinks is not None or self._is_exempt(layer)):
             return super().forward(layer, query, key, value, kv_cache, attn_metadata, output,
                                    output_scale, output_block_scale)
-        with _single_threaded:
-            selector = plan.selector
-            selected, num_selected = selector.select(query[plan.query_index], meta.key_min, meta.key_max,
-                                                     plan.block_table, plan.seq_lens, plan.budget_pages)
-            row_table = plan.out_block_table[plan.rows]
-            row_lens = plan.out_seq_lens[plan.rows]
-            selector.rewrite(plan.block_table, plan.seq_lens, selected, num_selected, row_table, row_lens)
-            plan.out_block_table[plan.rows] = row_table
-            plan.out_seq_lens[plan.rows] = row_lens
-            selector.count(plan.seq_lens, row_lens, num_selected,
-                           2 * self.num_kv_heads * self.head_size * meta.key_min.element_size())
-            selected_md = dataclasses.replace(
-                attn_metadata,
-                block_table=plan.out_block_table,
-                seq_lens=plan.out_seq_lens,
-                scheduler_metadata=plan.builder.scheduler_metadata_for(attn_metadata, plan.out_seq_lens),
-                selection=None,
-            )
-        return super().forward(layer, query, key, value, kv_cache, selected_md, output,
-                               output_scale, output_block_scale)
+        if plan.rest is not None:
+            super().forward(layer, query, key, value, kv_cache, plan.rest, output, output_scale,
+                            output_block_scale)
+        self._attend_selected(layer, query, kv_cache, meta, plan, output)
+        return output
+
+    def _attend_selected(self, layer, query: torch.Tensor, kv_cache: torch.Tensor, meta: PageMetadata,
+                         plan: DecodeSelectionPlan, output: torch.Tensor) -> None:
+        """Select each eligible request's pages per KV head and write its attention output."""
+        n, hkv, d = plan.rows.numel(), self.num_kv_heads, self.head_size
+        q = query.index_select(0, plan.query_index)                                  # [n, Hq, D]
+        selected, num_selected = plan.selector.select(q, meta.key_min, meta.key_max, plan.block_table,
+                                                      plan.seq_lens, plan.budget_pages)
+        key_cache, value_cache = one_head_cache_view(kv_cache)
+        out = torch.empty(n * hkv, self.num_queries_per_kv, d, dtype=output.dtype)
+        vllm_ops.cpu_attention_with_kv_cache(
+            query=q.view(n * hkv, self.num_queries_per_kv, d),
+            key_cache=key_cache,
+            value_cache=value_cache,
+            output=out,
+            query_start_loc=plan.head_query_start_loc,
+            seq_lens=plan.head_seq_lens,
+            scale=self.scale,
+            causal=True,
+            alibi_slopes=None,
+            sliding_window=-1,
+            block_table=head_block_table(plan.block_table, selected, hkv),
+            softcap=self.logits_soft_cap,
+            scheduler_metadata=plan.head_scheduler_metadata,
+            s_aux=None,
+            dynamic_causal=None,
+            k_scale=layer._k_scale_float,
+            v_scale=layer._v_scale_float,
+            kv_cache_dtype=self.kv_cache_dtype,
+        )
+        rows_out = output.view(output.shape[0], self.num_heads, d)
+        rows_out.index_copy_(0, plan.query_index, out.view(n, self.num_heads, d))
+        plan.selector.count(plan.seq_lens, num_selected,
+                            PageSelector.kv_bytes_per_token_head(d, meta.key_min.dtype))
+
+
+def one_head_cache_view(kv_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Key and value caches of `kv_cache` ([num_blocks, Hkv, block_size, 2 * D], block-major) viewed as a
+    cache of one KV head and `num_blocks * Hkv` blocks: block b of head h is block `b * Hkv + h`. No copy."""
+    nb, hkv, bs, two_d = kv_cache.shape
+    if kv_cache.stride(0) != hkv * kv_cache.stride(1) or kv_cache.stride(1) != bs * two_d:
+        raise ValueError(f"KV cache of strides {tuple(kv_cache.stride())} is not block-major "
+                         "[num_blocks, num_kv_heads, block_size, 2 * head_dim]")
+    return kv_cache.view(nb * hkv, 1, 2 * bs, two_d // 2).chunk(2, dim=2)
+
+
+def head_block_table(block_table: torch.Tensor, selected: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
+    """Block table of the (request, KV head) sequences over `one_head_cache_view`, int32 [n * Hkv, K].
+
+    block_table [n, P] physical blocks; selected [n, Hkv, K] logical pages (ascending, -1 padded). Row
+    i * Hkv + h lists head h's selected blocks of request i as `block * Hkv + h`; padding repeats a valid
+    entry (the kernel reads only as many entries as the row's length needs).
+    """
+    n, hkv, k = selected.shape
+    phys = torch.gather(block_table.long().unsqueeze(1).expand(n, hkv, block_table.shape[1]), 2,
+                        selected.clamp(min=0))
+    heads = torch.arange(hkv, dtype=torch.long).view(1, hkv, 1)
+    return (phys * num_kv_heads + heads).view(n * hkv, k).to(torch.int32)
 
 
 class QueryAwareCPUAttentionBackend(CPUAttentionBackend):

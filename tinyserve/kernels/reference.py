@@ -32,6 +32,7 @@ __all__ = [
     "paged_decode_attention",
     "sparse_paged_decode_attention",
     "query_aware_decode",
+    "score_and_select_pages",
     "copy_blocks",
     "free_runs",
     "free_run_stats",
@@ -191,6 +192,43 @@ def query_aware_decode(query: Tensor, key_cache: Tensor, value_cache: Tensor, ke
     out = sparse_paged_decode_attention(query, key_cache, value_cache, block_tables, seq_lens,
                                         selected, scale)
     return out, selected, num_selected
+
+
+def score_and_select_pages(query: Tensor, key_min: Tensor, key_max: Tensor, block_tables: Tensor,
+                           seq_lens: Tensor, block_size: int, budget_pages: Tensor,
+                           num_sink_pages: int = 1) -> tuple[Tensor, Tensor]:
+    """``page_scores`` then ``select_pages``, in one pass with a page budget per sequence, in fewer and
+    cheaper torch ops (rows gathered with ``index_select``, scores as a multiply-sum instead of an einsum over
+    a permuted copy, one top-k for all budgets): the path of the CPU engine, where these small ops dominate.
+
+    budget_pages: int ``[B]``, pages each KV head of a sequence may keep (sinks and last page included, at
+    least ``num_sink_pages + 1``). Returns ``selected`` int64 ``[B, Hkv, K]`` (ascending logical pages, -1
+    padded, ``K = min(max_pages, max budget)``) and ``num_selected`` int64 ``[B, Hkv]``, the pages
+    ``select_pages(page_scores(...), ..., budget_pages[b] * block_size, ...)`` picks for each sequence b
+    (scores are the same fp32 sums in another order, so only exact near-ties may resolve differently).
+    """
+    b, hq, d = query.shape
+    hkv = key_min.shape[1]
+    p = block_tables.shape[1]
+    qp, qn = _group_query_parts(query, hkv)                                   # [B, Hkv, D]
+    rows = block_tables.long().clamp(min=0).flatten()
+    kmax = key_max.index_select(0, rows).view(b, p, hkv, d).float()
+    kmin = key_min.index_select(0, rows).view(b, p, hkv, d).float()
+    scores = ((kmax * qp.unsqueeze(1)).sum(-1) + (kmin * qn.unsqueeze(1)).sum(-1)).transpose(1, 2)  # [B, Hkv, P]
+    npages = num_pages_of(seq_lens, block_size).to(scores.device).view(-1, 1, 1)
+    pidx = torch.arange(p, device=scores.device).view(1, 1, -1)
+    live = pidx < npages
+    forced = live & ((pidx < num_sink_pages) | (pidx == npages - 1))
+    big = torch.finfo(torch.float32).max                                      # forced > live > dead, as there
+    key = torch.nan_to_num(scores, nan=-big, posinf=big, neginf=-big)
+    key = key.masked_fill(forced, float("inf")).masked_fill(~live, float("-inf"))
+    budget = budget_pages.long().to(scores.device).clamp(min=num_sink_pages + 1).view(-1, 1)
+    k = min(p, int(budget.max()))
+    top = torch.topk(key, k, dim=-1, sorted=True).indices                     # best first
+    nsel = torch.minimum(npages.view(-1, 1), budget).expand(b, hkv)
+    keep = torch.arange(k, device=scores.device).view(1, 1, -1) < nsel.unsqueeze(-1)
+    top = torch.sort(torch.where(keep, top, torch.full_like(top, p)), dim=-1).values
+    return torch.where(top == p, torch.full_like(top, -1), top), nsel.contiguous()
 
 
 def copy_blocks(caches: list[Tensor], src: Tensor, dst: Tensor) -> None:
