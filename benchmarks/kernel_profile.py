@@ -27,6 +27,7 @@ def main() -> None:
     ap.add_argument("--context", type=int, default=32768)
     ap.add_argument("--budget", type=float, default=1 / 16, help="fraction of the context")
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--sweep-splits", default="", help="comma-separated split counts to time (TINYSERVE_SPLITS)")
     args = ap.parse_args()
     b, ctx = args.batch, args.context
     g = torch.Generator(device="cuda").manual_seed(0)
@@ -44,6 +45,30 @@ def main() -> None:
     ops.paged_decode_attention(q, kc, vc, bt, sl, scale)
     torch.cuda.synchronize()
     print(f"B={b} context={ctx} pages={pages} budget={budget} tokens: done")
+    if args.sweep_splits:
+        _sweep_splits(args, q, kc, vc, kmin, kmax, bt, sl, scale, budget)
+
+
+def _sweep_splits(args, q, kc, vc, kmin, kmax, bt, sl, scale, budget) -> None:
+    """Times the sparse pipeline and its attention alone (CUDA-graph replays, L2 flushed) per split count."""
+    import os
+
+    from tinyserve.bench.kernels import _bencher, _graphed
+
+    bench, how = _bencher()
+    sel, nsel = None, None
+    print(f"timing: {how}; planned splits: unset TINYSERVE_SPLITS")
+    for splits in ["plan"] + args.sweep_splits.split(","):
+        if splits == "plan":
+            os.environ.pop("TINYSERVE_SPLITS", None)
+        else:
+            os.environ["TINYSERVE_SPLITS"] = splits
+        out, sel, nsel = ops.query_aware_decode(q, kc, vc, kmin, kmax, bt, sl, scale, BS, budget)
+        pipeline = bench(_graphed(lambda: ops.query_aware_decode(q, kc, vc, kmin, kmax, bt, sl, scale, BS, budget)))
+        attention = bench(_graphed(lambda: ops.sparse_paged_decode_attention(q, kc, vc, bt, sl, sel, scale,
+                                                                              num_selected=nsel)))
+        print(f"splits={splits:>5s} pipeline {pipeline * 1e3:7.1f} us  attention {attention * 1e3:7.1f} us")
+    os.environ.pop("TINYSERVE_SPLITS", None)
 
 
 if __name__ == "__main__":

@@ -142,6 +142,9 @@ def _attention(query: Tensor, key_cache: Tensor, value_cache: Tensor, block_tabl
     if variant.startswith("mma"):
         minb, nsub = _mma_shape(variant)
         splits, pps = plan_splits_mma(b * hkv, max_list, bs, minb * loader.num_sms(query.device.index or 0))
+        if os.environ.get("TINYSERVE_SPLITS"):   # a fixed split count, for measuring the plan against others
+            pps = math.ceil(max_list / min(max_list, int(os.environ["TINYSERVE_SPLITS"])))
+            splits = math.ceil(max_list / pps)
         counters = _counters(b * hkv, query.device) if splits > 1 else None
     else:
         splits, pps = plan_splits(b, hkv, max_list, bs)
