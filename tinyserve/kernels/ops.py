@@ -223,9 +223,7 @@ def select_pages(scores: Tensor, seq_lens: Tensor, block_size: int, budget_token
     if not (cuda_enabled(scores) and block_size & (block_size - 1) == 0):
         return reference.select_pages(scores, seq_lens, block_size, budget_tokens, num_sink_pages)
     b, hkv, p = scores.shape
-    k = min(p, budget_pages(budget_tokens, block_size, num_sink_pages))
-    sel = torch.empty(b, hkv, k, dtype=torch.int32, device=scores.device)
-    nsel = torch.empty(b, hkv, dtype=torch.int32, device=scores.device)
+    k, sel, nsel = _selection_buffers(b, hkv, p, block_size, budget_tokens, num_sink_pages, scores.device)
     fn = loader.kernel("page_select.cu", "select_pages")
     loader.launch(fn, (hkv, b), (512,), (
         _p(scores.float().contiguous()), _p(_i32(seq_lens)), _i(p), _i(hkv), _i(block_size.bit_length() - 1),
@@ -264,17 +262,21 @@ def query_aware_decode(query: Tensor, key_cache: Tensor, value_cache: Tensor, ke
     return o, sel, nsel
 
 
+def _selection_buffers(b: int, hkv: int, pages: int, block_size: int, budget_tokens: int, num_sink_pages: int,
+                       device: torch.device) -> tuple[int, Tensor, Tensor]:
+    """(pages kept per row k, selected [B, Hkv, k], num_selected [B, Hkv]) for a selection kernel to fill."""
+    k = min(pages, budget_pages(budget_tokens, block_size, num_sink_pages))
+    return (k, torch.empty(b, hkv, k, dtype=torch.int32, device=device),
+            torch.empty(b, hkv, dtype=torch.int32, device=device))
+
+
 def _score_select_last(query: Tensor, key_min: Tensor, key_max: Tensor, bt: Tensor, sl: Tensor,
                        block_size: int, budget_tokens: int, num_sink_pages: int,
                        counters: Tensor) -> tuple[Tensor, Tensor]:
     """Scoring over many blocks and selection by the last block of each row, one launch (same pages as
     page_scores + select_pages)."""
-    b, hq, d = query.shape
-    hkv = key_min.shape[1]
-    p = bt.shape[1]
-    k = min(p, budget_pages(budget_tokens, block_size, num_sink_pages))
-    sel = torch.empty(b, hkv, k, dtype=torch.int32, device=query.device)
-    nsel = torch.empty(b, hkv, dtype=torch.int32, device=query.device)
+    (b, hq, d), hkv, p = query.shape, key_min.shape[1], bt.shape[1]
+    k, sel, nsel = _selection_buffers(b, hkv, p, block_size, budget_tokens, num_sink_pages, query.device)
     scores = torch.empty(b, hkv, p, dtype=torch.float32, device=query.device)
     pages_per_block = (512 // (d // 8)) * 8
     fn = loader.kernel("page_select.cu", f"score_pages_select_last<{_TYPES[query.dtype]},{d},{hq // hkv}>")
@@ -288,12 +290,8 @@ def _score_select_last(query: Tensor, key_min: Tensor, key_max: Tensor, bt: Tens
 def _score_select(query: Tensor, key_min: Tensor, key_max: Tensor, bt: Tensor, sl: Tensor, block_size: int,
                   budget_tokens: int, num_sink_pages: int) -> tuple[Tensor, Tensor]:
     """Scoring and selection in one launch (same pages as page_scores + select_pages)."""
-    b, hq, d = query.shape
-    hkv = key_min.shape[1]
-    p = bt.shape[1]
-    k = min(p, budget_pages(budget_tokens, block_size, num_sink_pages))
-    sel = torch.empty(b, hkv, k, dtype=torch.int32, device=query.device)
-    nsel = torch.empty(b, hkv, dtype=torch.int32, device=query.device)
+    (b, hq, d), hkv, p = query.shape, key_min.shape[1], bt.shape[1]
+    k, sel, nsel = _selection_buffers(b, hkv, p, block_size, budget_tokens, num_sink_pages, query.device)
     fn = loader.kernel("page_select.cu", f"score_select_pages<{_TYPES[query.dtype]},{d},{hq // hkv}>")
     loader.launch(fn, (hkv, b), (512,), (
         _p(query), _p(key_min.contiguous()), _p(key_max.contiguous()), _p(bt), _p(sl), _i(bt.stride(0)), _i(hkv),
@@ -318,10 +316,10 @@ def update_page_metadata(key_min: Tensor, key_max: Tensor, key: Tensor, slot_map
     tn = _TYPES[key.dtype]
     reset = loader.kernel("page_metadata.cu", f"page_metadata_reset<{tn}>")
     loader.launch(reset, (t,), (256,), (_p(slots), _i(t), _i(block_size), _i(words), _p(key_min), _p(key_max)))
-    merge = loader.kernel("page_metadata.cu", f"page_metadata_merge<{tn}>")
     chunk = 1 if t <= _METADATA_SMALL_WRITE else 16
+    merge = loader.kernel("page_metadata.cu", f"page_metadata_merge<{tn},{chunk}>")
     grid = min(math.ceil(math.ceil(t / chunk) * words / 256), 8 * loader.num_sms(torch.cuda.current_device()))
-    loader.launch(merge, (grid,), (256,), (_p(k), _p(slots), _i(t), _i(chunk), _i(block_size), _i(words),
+    loader.launch(merge, (grid,), (256,), (_p(k), _p(slots), _i(t), _i(block_size), _i(words),
                                            _p(key_min), _p(key_max)))
     return None
 

@@ -3,7 +3,7 @@
 // Two launches per write: page_metadata_reset sets the metadata of every block that receives a token at
 // offset 0 to (+inf, -inf); page_metadata_merge then folds every written key into its block's min/max
 // with 32-bit compare-and-swap on pairs of 16-bit channels, so tokens of one block written in the same
-// call (prefill) merge exactly in any order. Each thread pre-reduces `chunk` consecutive tokens in
+// call (prefill) merge exactly in any order. Each thread pre-reduces CHUNK consecutive tokens in
 // registers before its compare-and-swap: 16 for prefills (fewer atomics on one block's words), 1 for
 // small writes such as a decode step, whose tokens go to different blocks (no serial chain of atomics
 // per thread). Negative slots are padding.
@@ -49,24 +49,23 @@ __device__ __forceinline__ u32 pair_pick(u32 a, u32 b) {   // elementwise min/ma
   return (lo ? (b & 0xffffu) : (a & 0xffffu)) | (hi ? (b & 0xffff0000u) : (a & 0xffff0000u));
 }
 
-template <typename T>
+template <typename T, int CHUNK>
 __global__ void page_metadata_merge(const u32 *__restrict__ key, const long long *__restrict__ slots,
-                                    int ntok, int chunk, int bs, int words, u32 *__restrict__ kmin,
-                                    u32 *__restrict__ kmax)
+                                    int ntok, int bs, int words, u32 *__restrict__ kmin, u32 *__restrict__ kmax)
 {
-  // grid-stride over (chunk of `chunk` consecutive tokens) x words; a thread reduces its chunk in
+  // grid-stride over (chunk of CHUNK consecutive tokens) x words; a thread reduces its chunk in
   // registers while the block id stays the same (prefill writes a block's tokens consecutively) and
   // flushes each block's partial min/max with compare-and-swap. key [T, Hkv, D] contiguous.
-  const int nchunks = (ntok + chunk - 1) / chunk;
+  const int nchunks = (ntok + CHUNK - 1) / CHUNK;
   const long long total = (long long)nchunks * words;
   for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < total;
        i += (long long)gridDim.x * blockDim.x) {
     const int c = (int)(i / words);
     const int w = (int)(i - (long long)c * words);
-    const int t1 = min(ntok, (c + 1) * chunk);
+    const int t1 = min(ntok, (c + 1) * CHUNK);
     long long cur = -1;
     u32 mn = 0, mx = 0;
-    for (int t = c * chunk; t < t1; ++t) {
+    for (int t = c * CHUNK; t < t1; ++t) {
       const long long s = slots[t];
       if (s < 0) continue;
       const long long blk = s / bs;

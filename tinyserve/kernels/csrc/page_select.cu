@@ -233,6 +233,30 @@ __global__ void __launch_bounds__(SEL_THREADS) select_pages(
 // shared memory and runs select_core on them. Needs at most SEL_SMEM_KEYS candidates (pages - 2).
 #define SCORE_UNROLL 8
 
+// Scores of the pages first + u * GPC + pg (u < SCORE_UNROLL) below `end`, by groups of D/8 lanes with
+// page_scores' arithmetic; all loads are issued before any arithmetic. Every thread of the block calls it.
+template <typename T, int D>
+__device__ __forceinline__ void score_page_batch(const u16 *__restrict__ kmin, const u16 *__restrict__ kmax,
+                                                 const int *__restrict__ btr, int h, int hkv, int first, int end,
+                                                 const float (&qp)[8], const float (&qn)[8],
+                                                 float (&s)[SCORE_UNROLL]) {
+  constexpr int LANES = D / 8;
+  constexpr int GPC = SEL_THREADS / LANES;
+  const int lane = threadIdx.x % LANES, pg = threadIdx.x / LANES;
+  uint4 rmin[SCORE_UNROLL], rmax[SCORE_UNROLL];
+#pragma unroll
+  for (int u = 0; u < SCORE_UNROLL; ++u) {
+    const int p = first + u * GPC + pg;
+    if (p < end) {
+      const size_t off = ((size_t)btr[p] * hkv + h) * D + lane * 8;
+      rmin[u] = ldg16(kmin + off);
+      rmax[u] = ldg16(kmax + off);
+    }
+  }
+#pragma unroll
+  for (int u = 0; u < SCORE_UNROLL; ++u) s[u] = page_score<T, LANES>(rmin[u], rmax[u], qp, qn, first + u * GPC + pg < end);
+}
+
 template <typename T, int D, int G>
 __global__ void __launch_bounds__(SEL_THREADS) score_select_pages(
     const u16 *__restrict__ q, const u16 *__restrict__ kmin, const u16 *__restrict__ kmax,
@@ -263,21 +287,12 @@ __global__ void __launch_bounds__(SEL_THREADS) score_select_pages(
     group_query_parts<T, D, G>(q, b, h, hkv, lane, qp, qn);
     const int *btr = bt + (size_t)b * bt_stride;
     for (int first = c0; first < c1; first += GPC * SCORE_UNROLL) {
-      uint4 rmin[SCORE_UNROLL], rmax[SCORE_UNROLL];
+      float s[SCORE_UNROLL];
+      score_page_batch<T, D>(kmin, kmax, btr, h, hkv, first, c1, qp, qn, s);
 #pragma unroll
       for (int u = 0; u < SCORE_UNROLL; ++u) {
         const int p = first + u * GPC + pg;
-        if (p < c1) {
-          const size_t off = ((size_t)btr[p] * hkv + h) * D + lane * 8;
-          rmin[u] = ldg16(kmin + off);
-          rmax[u] = ldg16(kmax + off);
-        }
-      }
-#pragma unroll
-      for (int u = 0; u < SCORE_UNROLL; ++u) {
-        const int p = first + u * GPC + pg;
-        const float s = page_score<T, LANES>(rmin[u], rmax[u], qp, qn, p < c1);
-        if (lane == 0 && p < c1) s_keys[p - c0] = order_key(s);
+        if (lane == 0 && p < c1) s_keys[p - c0] = order_key(s[u]);
       }
     }
   }
@@ -316,21 +331,12 @@ __global__ void __launch_bounds__(SEL_THREADS) score_pages_select_last(
     float qp[8], qn[8];
     group_query_parts<T, D, G>(q, b, h, hkv, lane, qp, qn);
     const int *btr = bt + (size_t)b * bt_stride;
-    uint4 rmin[SCORE_UNROLL], rmax[SCORE_UNROLL];
+    float s[SCORE_UNROLL];
+    score_page_batch<T, D>(kmin, kmax, btr, h, hkv, first, npages, qp, qn, s);
 #pragma unroll
     for (int u = 0; u < SCORE_UNROLL; ++u) {
       const int p = first + u * GPC + pg;
-      if (p < npages) {
-        const size_t off = ((size_t)btr[p] * hkv + h) * D + lane * 8;
-        rmin[u] = ldg16(kmin + off);
-        rmax[u] = ldg16(kmax + off);
-      }
-    }
-#pragma unroll
-    for (int u = 0; u < SCORE_UNROLL; ++u) {
-      const int p = first + u * GPC + pg;
-      const float s = page_score<T, LANES>(rmin[u], rmax[u], qp, qn, p < npages);
-      if (lane == 0 && p < npages) sc[p] = s;
+      if (lane == 0 && p < npages) sc[p] = s[u];
     }
   }
   __threadfence();
