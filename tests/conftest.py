@@ -91,6 +91,14 @@ class ServeHarness:
 
         return [ray.get(actor.record_routing_stats.remote(), timeout=30) for actor in self.replica_actors()]
 
+    def ingress_stats(self) -> dict[str, Any]:
+        """The OpenAI ingress's gateway counters (TinyServeIngress.gateway_stats; one ingress replica)."""
+        from ray import serve
+
+        app = serve.status().applications["tinyserve"]
+        name = next(n for n in app.deployments if "Ingress" in n)
+        return serve.get_deployment_handle(name, app_name="tinyserve").gateway_stats.remote().result(timeout_s=30)
+
     def close(self) -> None:
         """Shut the shared cluster down (idempotent); the next `deploy` starts a new one."""
         if not self._running:

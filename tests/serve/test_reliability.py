@@ -137,6 +137,7 @@ def test_replica_killed_under_load_loses_no_unstarted_request(url, serve_app):
     victim_pid = stats[0]["replica_pid"]
     survivor_pid = stats[1]["replica_pid"]
     n, max_tokens = 240, 48
+    gateway_before = serve_app.ingress_stats()
 
     async def run() -> tuple[list[StreamResult], float]:
         started = asyncio.Event()
@@ -174,6 +175,12 @@ def test_replica_killed_under_load_loses_no_unstarted_request(url, serve_app):
             assert r.events_after_done == 0
         if r.completed:
             assert r.completion_tokens == max_tokens  # a retried stream is whole, not a resumed fragment
+
+    # The ingress counted what the clients saw (exported as tinyserve_gateway_*).
+    gateway = serve_app.ingress_stats()
+    assert gateway["retried_requests"] - gateway_before["retried_requests"] == sum(r.attempts > 1 for r in results)
+    assert gateway["cut_streams"] - gateway_before["cut_streams"] == counts["cut_with_error_event"]
+    assert gateway["rejected"] == gateway_before["rejected"]
 
     # Ray Serve restarts the replica; once its engine is up it serves requests again.
     stats = _wait_for_replicas(serve_app, 2, 600)

@@ -10,6 +10,7 @@ from fastapi import FastAPI, Request
 
 from tinyserve.deployments.api_keys import ApiKeyError, ApiKeys
 from tinyserve.deployments.config import load_config
+from tinyserve.deployments.gateway_metrics import GatewayMetrics
 from tinyserve.deployments.http_guard import HttpGuard
 
 
@@ -31,9 +32,9 @@ def make_app(release: asyncio.Event | None = None) -> FastAPI:
 
 
 def guarded(keys: ApiKeys | None = None, max_body_bytes: int = 1024, max_inflight: int | None = None,
-            release: asyncio.Event | None = None) -> HttpGuard:
+            release: asyncio.Event | None = None, metrics: GatewayMetrics | None = None) -> HttpGuard:
     return HttpGuard(make_app(release), keys=keys, max_body_bytes=max_body_bytes, max_inflight=max_inflight,
-                     retry_after_s=3)
+                     retry_after_s=3, on_reject=metrics.on_rejected if metrics is not None else None)
 
 
 def call(app, method: str, path: str, **kwargs) -> httpx.Response:
@@ -144,3 +145,34 @@ def test_gateway_config_defaults_and_validation():
     assert _engine_kwargs(bounded)["enable_log_requests"] is True
     with pytest.raises(ConfigError, match="gateway.retry_max_attempts"):
         load_config(None, {"gateway": {"retry_max_attempts": 0}})
+
+
+def test_every_rejection_is_counted_by_reason():
+    metrics = GatewayMetrics()
+    app = guarded(ApiKeys(["key-one"]), max_body_bytes=64, metrics=metrics)
+    ok = {"Authorization": "Bearer key-one"}
+    assert call(app, "POST", "/echo", content=b"{}").status_code == 401
+    assert call(app, "POST", "/echo", content=b"{}", headers={"Authorization": "Bearer no"}).status_code == 401
+    assert call(app, "POST", "/echo", content=b"x" * 65, headers=ok).status_code == 413
+    assert call(app, "POST", "/echo", content=b"x" * 64, headers=ok).status_code == 200
+    snap = metrics.snapshot()
+    assert snap["rejected"] == {"unauthorized": 2, "body_too_large": 1, "inflight_bound": 0, "queue_full": 0,
+                                "no_replica": 0}
+    assert snap["retried_requests"] == 0 and snap["cut_streams"] == 0
+
+    release = asyncio.Event()
+    app = guarded(max_inflight=1, release=release, metrics=metrics)
+
+    async def two_at_once() -> list[int]:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
+            first = asyncio.create_task(c.post("/echo", content=b"{}"))
+            while app.inflight == 0:
+                await asyncio.sleep(0.01)
+            second = await c.post("/echo", content=b"{}")
+            release.set()
+            return [(await first).status_code, second.status_code]
+
+    assert asyncio.run(two_at_once()) == [200, 429]
+    assert metrics.snapshot()["rejected"]["inflight_bound"] == 1
+    with pytest.raises(ValueError):
+        metrics.on_rejected("teapot")

@@ -52,12 +52,13 @@ def _engine_kwargs(config: TinyServeConfig) -> dict[str, Any]:
     if engine.gpu_memory_utilization is not None:
         kwargs["gpu_memory_utilization"] = engine.gpu_memory_utilization
     if config.router.kind == "query_aware":
-        # Port 0: each replica picks its own free loopback ports at start (TinyServeLLMServer).
+        # Port 0: each replica picks its own free ports at start (TinyServeLLMServer).
+        host = "127.0.0.1" if config.router.kv_events_bind == "loopback" else "0.0.0.0"
         kwargs["kv_events_config"] = {
             "enable_kv_cache_events": True,
             "publisher": "zmq",
-            "endpoint": "tcp://127.0.0.1:0",
-            "replay_endpoint": "tcp://127.0.0.1:0",
+            "endpoint": f"tcp://{host}:0",
+            "replay_endpoint": f"tcp://{host}:0",
             "topic": "kv-events",
         }
     kwargs.update(engine.extra)

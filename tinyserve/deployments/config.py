@@ -98,6 +98,10 @@ class RouterConfig(_Strict):
 
     kind: Literal["query_aware", "power_of_two", "prefix_affinity"] = "query_aware"
     options: dict[str, Any] = Field(default_factory=dict)
+    # Where each replica's KV-event sockets listen (query_aware only). loopback: on 127.0.0.1, for a router
+    # on the same machine (one node, the default). node: on every interface, advertised to the router at the
+    # replica's node IP, for clusters whose replicas and router sit on different nodes (KubeRay worker pods).
+    kv_events_bind: Literal["loopback", "node"] = "loopback"
 
 
 class HttpConfig(_Strict):

@@ -41,15 +41,20 @@ class HttpGuard:
         max_body_bytes: int,
         max_inflight: int | None,
         retry_after_s: int,
+        on_reject: Callable[[str], None] | None = None,
     ) -> None:
         self.app = app
+        self.on_reject = on_reject  # called with the reason of each request turned away (GatewayMetrics)
         self.keys = keys
         self.max_body_bytes = max_body_bytes
         self.max_inflight = max_inflight
         self.retry_after_s = retry_after_s
         self.inflight = 0
 
-    async def _reject(self, send: Send, status: int, message: str, type_: str, headers: list | None = None) -> None:
+    async def _reject(self, send: Send, reason: str, status: int, message: str, type_: str,
+                      headers: list | None = None) -> None:
+        if self.on_reject is not None:
+            self.on_reject(reason)
         body = error_body(status, message, type_)
         await send({
             "type": "http.response.start",
@@ -69,16 +74,16 @@ class HttpGuard:
         headers = dict(scope.get("headers") or [])
         if self.keys is not None and scope.get("method") != "OPTIONS":
             if not self.keys.accepts(headers.get(b"authorization")):
-                await self._reject(send, 401, "Unauthorized.", "AuthenticationError",
+                await self._reject(send, "unauthorized", 401, "Unauthorized.", "AuthenticationError",
                                    [(b"www-authenticate", b"Bearer")])
                 return
         declared = headers.get(b"content-length")
         if declared is not None and (not declared.isdigit() or int(declared) > self.max_body_bytes):
-            await self._reject(send, 413, f"Request body larger than {self.max_body_bytes} bytes.",
+            await self._reject(send, "body_too_large", 413, f"Request body larger than {self.max_body_bytes} bytes.",
                                "RequestTooLargeError")
             return
         if self.max_inflight is not None and self.inflight >= self.max_inflight:
-            await self._reject(send, 429, "Too many requests in flight; retry later.", "RateLimitError",
+            await self._reject(send, "inflight_bound", 429, "Too many requests in flight; retry later.", "RateLimitError",
                                self._too_many())
             return
 
@@ -105,7 +110,7 @@ class HttpGuard:
             chunk = message.get("body", b"")
             received += len(chunk)
             if received > self.max_body_bytes:
-                await self._reject(send, 413, f"Request body larger than {self.max_body_bytes} bytes.",
+                await self._reject(send, "body_too_large", 413, f"Request body larger than {self.max_body_bytes} bytes.",
                                    "RequestTooLargeError")
                 return None
             chunks.append(chunk)

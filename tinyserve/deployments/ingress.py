@@ -32,6 +32,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from tinyserve.deployments.api_keys import ApiKeys
 from tinyserve.deployments.config import GatewayConfig
+from tinyserve.deployments.gateway_metrics import GatewayMetrics
 from tinyserve.deployments.http_guard import HttpGuard, error_body
 
 __all__ = ["TinyServeIngress", "ATTEMPTS_HEADER", "REPLICA_FAILURES"]
@@ -57,8 +58,8 @@ def _error_event(message: str, type_: str, code: int) -> str:
 class TinyServeIngress(OpenAiIngress):
     """OpenAiIngress with failover before the first chunk, error events after it, and 429 on overload.
 
-    Owns `gateway` (GatewayConfig), the `ApiKeys` (None: auth off) and the counters `retried_requests`
-    (requests that needed more than one attempt) and `cut_streams` (streams ended by an error event).
+    Owns `gateway` (GatewayConfig), the `ApiKeys` (None: auth off) and `metrics` (GatewayMetrics: retried
+    requests, cut streams, rejections by reason; `gateway_stats()` returns them).
     Invariants: a request is sent at most `retry_max_attempts` times and never re-sent after a chunk of it
     reached the client; every stream the ingress starts ends with `data: [DONE]`.
     """
@@ -68,14 +69,14 @@ class TinyServeIngress(OpenAiIngress):
         self.gateway = GatewayConfig.model_validate(gateway or {})
         # Fails the replica's start when auth is configured but no key is found: never start open.
         self.api_keys = ApiKeys.load(file=self.gateway.api_keys_file, env=self.gateway.api_keys_env)
-        self.retried_requests = 0
-        self.cut_streams = 0
+        self.metrics = GatewayMetrics(deployment=type(self).__name__)
 
     def _set_asgi_app(self, app: Any) -> None:
         # Ray Serve hands the ingress its FastAPI app here (after __init__): put the HTTP guard in front.
         g = self.gateway
         guarded = HttpGuard(app, keys=self.api_keys, max_body_bytes=g.max_body_bytes,
-                            max_inflight=g.max_inflight_requests, retry_after_s=g.retry_after_s)
+                            max_inflight=g.max_inflight_requests, retry_after_s=g.retry_after_s,
+                            on_reject=self.metrics.on_rejected)
         super()._set_asgi_app(guarded)
 
     async def _get_model_id(self, model: Optional[str]) -> str:
@@ -85,7 +86,12 @@ class TinyServeIngress(OpenAiIngress):
             error_type = "NotFoundError" if exc.status_code == 404 else "BadRequestError"
             raise OpenAIHTTPException(status_code=exc.status_code, message=str(exc.detail), type=error_type) from None
 
+    def gateway_stats(self) -> dict[str, Any]:
+        """The ingress's counters (the numbers exported as `tinyserve_gateway_*`)."""
+        return self.metrics.snapshot()
+
     def _overloaded(self, message: str) -> Response:
+        self.metrics.on_rejected("queue_full")
         return Response(error_body(429, message, "RateLimitError"), status_code=429, media_type="application/json",
                         headers={"Retry-After": str(self.gateway.retry_after_s)})
 
@@ -118,6 +124,7 @@ class TinyServeIngress(OpenAiIngress):
                 except _ReplicaFailed as failure:
                     pause = g.retry_backoff_s * attempt
                     if attempt >= g.retry_max_attempts or time.monotonic() + pause >= deadline:
+                        self.metrics.on_rejected("no_replica")
                         return Response(
                             error_body(503, f"No replica could serve the request ({failure.message}).",
                                        "ServiceUnavailableError"),
@@ -125,7 +132,7 @@ class TinyServeIngress(OpenAiIngress):
                             headers={"Retry-After": str(g.retry_after_s), ATTEMPTS_HEADER: str(attempt)})
                     await asyncio.sleep(pause)
         if attempt > 1:
-            self.retried_requests += 1
+            self.metrics.on_retried()
         headers = {ATTEMPTS_HEADER: str(attempt)}
         chunk = first[0] if isinstance(first, list) else first
         if isinstance(chunk, ErrorResponse):
@@ -150,7 +157,7 @@ class TinyServeIngress(OpenAiIngress):
         except asyncio.CancelledError:
             raise  # the client went away: Ray Serve cancels the replica call
         except Exception as exc:  # the replica died or failed mid-stream
-            self.cut_streams += 1
+            self.metrics.on_cut_stream()
             replica_failed = isinstance(exc, REPLICA_FAILURES)
             message = ("The replica serving this stream failed; the output is incomplete." if replica_failed
                        else f"The stream failed: {type(exc).__name__}.")

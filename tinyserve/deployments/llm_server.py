@@ -2,7 +2,8 @@
 
 Each replica
 - builds the embedded model on its own node when the configured model directory is missing;
-- gives its vLLM engine its own KV-events publisher on a free loopback port (for the cache-aware router);
+- gives its vLLM engine its own KV-events publisher on free ports, on loopback or (`router.kv_events_bind:
+  node`) on every interface, advertised at the node's IP (for the cache-aware router);
 - polls the TinyServe stats channel in the engine core every `stats_period_s` and keeps the last
   snapshot, which it reports through Ray Serve's `record_routing_stats` (router) and
   `record_autoscaling_stats` (KV-pressure autoscaling, from the KVPressureSignals mixin), and publishes as
@@ -25,6 +26,14 @@ from tinyserve.ports import free_port_pair
 __all__ = ["TinyServeLLMServer"]
 
 
+def _advertised(endpoint: str) -> str:
+    """The address a router on any node connects to: a wildcard bind is reached at this node's IP."""
+    if endpoint.startswith("tcp://0.0.0.0:"):
+        import ray
+
+        return f"tcp://{ray.util.get_node_ip_address()}:{endpoint.rsplit(':', 1)[1]}"
+    return endpoint
+
 
 class TinyServeLLMServer(KVPressureSignals, LLMServer):
     """An LLMServer replica that exports TinyServe's engine-core numbers.
@@ -43,12 +52,16 @@ class TinyServeLLMServer(KVPressureSignals, LLMServer):
 
         ensure_model_dir(llm_config.model_loading_config.model_source, llm_config.experimental_configs)
         events = llm_config.engine_kwargs.get("kv_events_config")
-        if events is not None and events.get("endpoint", "").endswith(":0"):
-            port = free_port_pair()
-            events = dict(events, endpoint=f"tcp://127.0.0.1:{port}", replay_endpoint=f"tcp://127.0.0.1:{port + 1}")
-            # Updates the engine config LLMConfig caches (and pickles) as well as engine_kwargs.
-            llm_config.update_engine_kwargs(kv_events_config=events)
-        self._kv_events = events
+        self._kv_events_advertised: tuple[str, str | None] | None = None
+        if events is not None:
+            if events.get("endpoint", "").endswith(":0"):
+                host = events["endpoint"].removeprefix("tcp://").rsplit(":", 1)[0]
+                port = free_port_pair(host)
+                events = dict(events, endpoint=f"tcp://{host}:{port}", replay_endpoint=f"tcp://{host}:{port + 1}")
+                # Updates the engine config LLMConfig caches (and pickles) as well as engine_kwargs.
+                llm_config.update_engine_kwargs(kv_events_config=events)
+            self._kv_events_advertised = _advertised(events["endpoint"]), (
+                _advertised(events["replay_endpoint"]) if events.get("replay_endpoint") else None)
         self.last_stats: dict[str, Any] = {}
         self._last_stats_at = 0.0
         self._stats_task: asyncio.Task | None = None
@@ -97,9 +110,8 @@ class TinyServeLLMServer(KVPressureSignals, LLMServer):
 
     async def record_routing_stats(self) -> dict[str, Any]:
         stats = dict(await super().record_routing_stats())
-        if self._kv_events is not None:
-            stats["kv_events_endpoint"] = self._kv_events["endpoint"]
-            stats["kv_events_replay_endpoint"] = self._kv_events.get("replay_endpoint")
+        if self._kv_events_advertised is not None:
+            stats["kv_events_endpoint"], stats["kv_events_replay_endpoint"] = self._kv_events_advertised
         stats["block_size"] = self._llm_config.engine_kwargs.get("block_size")
         # What the router needs to tokenize and hash a request exactly as this engine does.
         stats["tokenizer"] = self._llm_config.model_loading_config.model_source
