@@ -126,7 +126,7 @@ def _zipf_stream(rng, n_requests, groups, a):
 def test_recent_requests_stay_within_the_balance_factor_under_a_skewed_popularity():
     """Whatever the popularity, once the mean is past the slack no replica holds more than the factor × mean,
     and each prefix lives on few replicas (a hot one spreads, the rest stay put)."""
-    idx, pol = _policy()  # defaults: balance_factor 1.25, share_slack 3
+    idx, pol = _policy()  # defaults: balance_factor 1.25, share_slack 2
     rng = random.Random(1)
     chains = {g: [g * 1000 + i for i in range(40)] for g in range(8)}  # 40 blocks each, no common prefix
     counts = {r: 0 for r in "abcd"}
@@ -166,7 +166,7 @@ def test_a_small_shared_overlap_does_not_pull_new_prefixes_onto_busy_replicas():
     assert d.ranked[0] in "cd" and d.prefix_blocks[d.ranked[0]] == 0
 
 
-def test_a_pinned_session_yields_to_the_share_bound_unless_its_replica_is_idle():
+def test_a_pinned_session_yields_to_the_share_bound_unless_nothing_is_in_flight():
     idx, pol = _policy()
     d = pol.choose("abcd", {}, [], 100, now=0.0, session="s")
     pinned = d.ranked[0]
@@ -176,7 +176,7 @@ def test_a_pinned_session_yields_to_the_share_bound_unless_its_replica_is_idle()
         pol.record_routed(i, pinned, [], 100, 0, now=0.0)
         pol.complete(i)
     d2 = pol.choose("abcd", {}, [], 100, now=1.0, session="s")
-    assert d2.ranked[0] == pinned and d2.by_session  # idle: nothing would queue behind the turn
+    assert d2.ranked[0] == pinned and d2.by_session  # all idle: nothing would queue behind the turn
     pol.record_routed("busy", pinned, [], 100, 0, now=1.0)  # one request in flight there
     d3 = pol.choose("abcd", {}, [], 100, now=1.0, session="s")
     assert d3.ranked[0] != pinned and not d3.by_session

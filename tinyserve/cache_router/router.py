@@ -75,7 +75,7 @@ class QueryAwareRouter(RequestRouter):
         cost_weights: dict[str, float] | None = None,
         balance_factor: float = 1.25,
         inflight_slack: float = 2.0,
-        share_slack: float = 3.0,
+        share_slack: float = 2.0,
         share_half_life: int = 256,
         approx_ttl_s: float = 120.0,
         unhealthy_stats_age_s: float = 30.0,

@@ -9,8 +9,9 @@ cheapest replica when its cheapest one is over a bound). Each bound caps what a 
 taking the request at ``max(balance_factor × level, ceil(level) + slack)``, where ``level`` is the
 per-replica mean after the request:
 - in flight: requests in flight (``inflight_slack``);
-- share: recent requests, exponentially decayed over ``share_half_life`` decisions (``share_slack``); a
-  replica with nothing in flight is exempt (nothing would queue behind the request there).
+- share: recent requests, exponentially decayed over ``share_half_life`` decisions (``share_slack``); moot
+  while nothing is in flight anywhere (nothing could queue behind the request; sequential requests stay
+  where their prefix is cached).
 The factor is the bound that holds once the mean is a few requests; the integer slack only lets the first
 requests of a burst share a replica (with a mean below one request no ratio can hold). So, whatever the
 prefix popularity, a replica's recent requests stay within ``balance_factor`` of the mean once it exceeds
@@ -76,7 +77,7 @@ class RoutingPolicy:
         block_size: int,
         balance_factor: float = 1.25,
         inflight_slack: float = 2.0,
-        share_slack: float = 3.0,
+        share_slack: float = 2.0,
         share_half_life: int = 256,
         session_capacity: int = 100_000,
     ) -> None:
@@ -139,6 +140,7 @@ class RoutingPolicy:
         bs = self.block_size
         states = self._state
         total_req = 0
+        total_own = 0
         total_share = 0.0
         rows = []
         for r in healthy:
@@ -151,6 +153,7 @@ class RoutingPolicy:
             share = self._share(s)
             req = load.requests
             total_req += req
+            total_own += s.inflight
             total_share += share
             rows.append((cost_of(prompt_tokens, prefix[r] * bs, load), r, req, share))
         mean_share = total_share / n
@@ -159,9 +162,10 @@ class RoutingPolicy:
         rows.sort(key=lambda row: row[0])
         req_cap = self._cap((total_req + 1) / n, self.inflight_slack)
         share_cap = self._cap((total_share + 1) / n, self.share_slack)
-        # An idle replica is never over the share bound: the bound keeps requests from queueing behind a hot
-        # prefix, and nothing queues where nothing is in flight (sequential requests stay where cached).
-        eligible = [row[1] for row in rows if row[2] + 1 <= req_cap and (row[2] == 0 or row[3] + 1 <= share_cap)]
+        # With none of this router's requests in flight the share bound is moot (nothing it sent can queue
+        # behind the request, and sequential requests stay where their prefix is cached); otherwise it holds.
+        share_cap = share_cap if total_own else float("inf")
+        eligible = [row[1] for row in rows if row[2] + 1 <= req_cap and row[3] + 1 <= share_cap]
         if not eligible:
             eligible = [row[1] for row in rows]
         spilled = eligible[0] != rows[0][1]
