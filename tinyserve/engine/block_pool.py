@@ -152,27 +152,57 @@ class BestFitBlockPool(BlockPool):
         request = self._request
         if num_blocks == 1 and request is not None and not self.metrics_collector:
             # Fast path of decode growth: the next block of the request's own reservation, or of its
-            # own room once no free block without a hash is left.
+            # own room once no free block without a hash is left (the same steps as `_take`, inlined).
             rid = request.request_id
-            tail = self._tails.get(rid, -2)
+            block_id = self._tails.get(rid, -2) + 1
             span = self._reservations.get(rid)
-            if span is not None and span[0] == tail + 1:
-                block_id = span[0]
-                self._consume_reservation(rid, span, 1)
-            elif span is None and not self._runs.num_free and not self._reservations:
+            if span is not None:
+                found = span[0] == block_id
+                if found:
+                    self._reserved_mask[block_id] = 0
+                    owner_at = self._owner_at
+                    del owner_at[block_id]
+                    if block_id + 1 == span[1]:
+                        del self._reservations[rid]
+                    else:
+                        span[0] = block_id + 1
+                        owner_at[block_id + 1] = rid
+            elif not self._runs.num_free and not self._reservations:
                 room = self._rooms.get(rid)
-                if room is not None and room[0] == tail + 1:
-                    block_id = room[0]
-                    self._consume_room(rid, room, 1)
+                found = room is not None and room[0] == block_id and (
+                    self._in_lru[block_id] == 0 or self._serial[block_id] < self._age_limit()
+                )
+                if found:
+                    self._consume_room(rid, room, 1)  # type: ignore[arg-type]
+            elif not self._runs.num_free:
+                # Only reserved empty blocks are left and they go before any cached block: the far end
+                # of the newest reservation (its owner keeps the blocks next to its last one).
+                owner = next(reversed(self._reservations))
+                span = self._reservations[owner]
+                block_id = span[1] - 1
+                self._reserved_mask[block_id] = 0
+                if block_id == span[0]:
+                    del self._reservations[owner]
+                    del self._owner_at[block_id]
                 else:
-                    block_id = -1
+                    span[1] = block_id
+                found = True
             else:
-                block_id = -1
-            if block_id >= 0:
-                self._claim(block_id)
-                self._tails[rid] = block_id
-                self._held[rid] += 1
+                found = False
+            if found:
                 block = self.blocks[block_id]
+                self._free_mask[block_id] = 0
+                self._num_free -= 1
+                if block.block_hash is not None:
+                    if self._in_lru[block_id]:
+                        self._uncache_free(block)
+                    hashes = self._remove_cached_block_hashes(block)
+                    if hashes:
+                        self._emit_block_removed_events(hashes)
+                        self.counters["evictions_total"] += 1
+                    self._hits[block_id] = 0
+                self._tails[rid] = block_id
+                self._held[rid] = self._held.get(rid, 0) + 1
                 block.ref_cnt = 1
                 return [block]
         blocks = self.blocks
