@@ -65,6 +65,54 @@ def _count_stock_evictions(pool: Any) -> list[int]:
     return counter
 
 
+def _count_forced_breaks(manager: Any) -> dict[str, int]:
+    """Count, per request, the allocations that no placement can keep contiguous under vLLM's free-queue
+    order: the request already holds blocks of its own, every block has been used once, and a free block
+    without a hash (a finished request's partial last block, a preempted request's unfilled one) exists —
+    vLLM hands those out before evicting any cached block, and such a block never follows the request's
+    last block. Placement-independent (same schedule, same free blocks without a hash), O(num_blocks) per
+    allocation: for the replay only."""
+    pool = manager.block_pool
+    used = bytearray(pool.num_gpu_blocks)
+    used[0] = 1
+    own: dict[str, int] = {}
+    forced: dict[str, int] = {}
+    current: list[Any] = [None]
+    allocate_slots = manager.allocate_slots
+
+    def tracking_allocate(request: Any, *args: Any, **kwargs: Any) -> Any:
+        current[0] = request.request_id
+        try:
+            return allocate_slots(request, *args, **kwargs)
+        finally:
+            current[0] = None
+
+    get_new_blocks = pool.get_new_blocks
+
+    def counting_get_new_blocks(num_blocks: int) -> list:
+        rid = current[0]
+        if rid is not None and own.get(rid) and used.find(0) < 0:
+            if any(b.ref_cnt == 0 and b.block_hash is None for b in pool.blocks[1:]):
+                forced[rid] = forced.get(rid, 0) + 1
+        blocks = get_new_blocks(num_blocks)
+        for block in blocks:
+            used[block.block_id] = 1
+        if rid is not None:
+            own[rid] = own.get(rid, 0) + len(blocks)
+        return blocks
+
+    free = manager.free
+
+    def forgetting_free(request: Any) -> Any:
+        own.pop(request.request_id, None)
+        return free(request)
+
+    manager.allocate_slots = tracking_allocate
+    pool.get_new_blocks = counting_get_new_blocks
+    manager.free = forgetting_free
+    return forced
+
+
 def replay(trace: list, *, ours: bool, num_blocks: int, block_size: int, sample_every: int) -> dict[str, Any]:
     """Replay `trace` through a real KVCacheManager over one pool; summary and time series."""
     from tinyserve.bench.kv_trace import KVDriver, make_kv_manager
@@ -74,6 +122,7 @@ def replay(trace: list, *, ours: bool, num_blocks: int, block_size: int, sample_
     manager = make_kv_manager(num_blocks, block_size)
     pool = manager.block_pool
     stock_evictions = None if ours else _count_stock_evictions(pool)
+    forced = _count_forced_breaks(manager)
     finished_runs: list[int] = []
     finished_own_runs: list[int] = []
     finished_blocks: list[int] = []
@@ -118,6 +167,8 @@ def replay(trace: list, *, ours: bool, num_blocks: int, block_size: int, sample_
         "runs_per_request_p99": float(np.percentile(finished_runs, 99)),
         "own_runs_per_request_mean": float(np.mean(finished_own_runs)),
         "own_runs_per_request_p99": float(np.percentile(finished_own_runs, 99)),
+        # a lower bound on own runs: 1 + forced breaks (see _count_forced_breaks)
+        "forced_breaks_per_request": sum(forced.values()) / max(driver.finished, 1),
         "blocks_per_request_mean": float(np.mean(finished_blocks)),
         "free_runs_mean": mean("free_runs"),
         "largest_free_run_mean": mean("largest_free_run"),
@@ -376,6 +427,7 @@ def main(argv: list[str] | None = None) -> int:
 
     rows = [("metric", *(f"{load}:{name}" for load in loads for name in loads[load]))]
     for key in ("runs_per_request_mean", "runs_per_request_p99", "own_runs_per_request_mean", "own_runs_per_request_p99",
+                "forced_breaks_per_request",
                 "blocks_per_request_mean", "free_runs_mean", "largest_free_run_mean", "free_space_scatter_mean",
                 "token_slot_utilisation_mean", "effective_capacity_mean", "usage_mean", "evictions", "prefix_hit_rate",
                 "preemptions", "steps"):

@@ -3,9 +3,9 @@
 `BestFitBlockPool` subclasses vLLM's `BlockPool`: same interface, same prefix-caching semantics (block
 hashes, lookups, `BlockStored`/`BlockRemoved` events for every cache entry added or dropped), same free
 count, so the scheduler admits and preempts exactly as with vLLM's pool. What changes is *which* free
-block an allocation gets, never which cached blocks survive: as vLLM's free queue does, placement hands
-out only blocks without a hash (never cached, or evicted) while any is free, and evicts cached blocks only
-when none is left, least recently used first:
+block an allocation gets: as vLLM's free queue does, placement hands out only blocks without a hash
+(never cached, evicted, or a finished request's partial last block) while any is free, and evicts cached
+blocks only when none is left:
 
 1. a request that owns a growth reservation takes the blocks right after its last block;
 2. else it extends its own run when the block after its last block starts a free run;
@@ -14,12 +14,17 @@ when none is left, least recently used first:
    max_tokens; max_tokens until a request has finished): exact fit, else the smallest run that holds it, else the largest run (most room to grow),
    then further largest runs (fewest runs); it reserves the rest of its expected size right after it;
 4. else it takes other requests' reservations (reserved blocks are free: they never refuse an allocation);
-5. else (no free block without a hash is left) it evicts cached blocks in LRU order as vLLM does —
-   among the oldest `eviction_window` candidates (default 1: plain LRU) the least-hit one (a prefix hit,
-   or belonging to a preempted request that will hit it on resume, counts as a use), then the one that
-   keeps this allocation contiguous, then the one with fewest free neighbours (taking it shrinks or
-   removes a free run rather than splitting one); the blocks evicted for one allocation enter the
-   request's table in ascending id order (the same set as LRU, in fewer runs).
+5. else (no free block without a hash is left) it evicts cached blocks, contiguously where LRU age
+   allows (`_evict_contiguous`): the request's growth room (old, never-hit cached blocks right after its
+   last block, held out of the LRU for it), else old never-hit blocks right after its last block, else a
+   region opened at the LRU head — extended down over old never-hit blocks so that a region of the
+   request's expected size ends at the head — whose remainder becomes the request's room. "Old" means
+   among the `eviction_age_fraction` least recently used free cached blocks; blocks that were hit (a
+   shared prefix, or a preempted request's block that its resume will hit) are only ever evicted in
+   vLLM's LRU order (`_pick_eviction`, among the oldest `eviction_window` candidates).
+
+Decode growth (one block) has a fast path for steps 1, 5 (own room) and 4 (the far end of the newest
+reservation) that touches one request's state and one block.
 
 Request context (which request allocates, its expected length) comes from thin wrappers around
 `KVCacheManager.allocate_slots`/`free`/`pop_blocks_for_free`/`record_prefix_cache_stats` that
@@ -76,18 +81,32 @@ class _FreeQueueView:
         return [b for b in self._pool.blocks if self._pool._free_mask[b.block_id]]
 
 
+class _Placement:
+    """Placement state of one request that is running or allocating: its vLLM Request, the id of the
+    last block of its table (-2 before it holds one) and how many blocks its table holds."""
+
+    __slots__ = ("request", "tail", "held")
+
+    def __init__(self, request: Any) -> None:
+        self.request = request
+        self.tail = -2
+        self.held = 0
+
+
 class BestFitBlockPool(BlockPool):
     """vLLM's block pool with best-fit contiguous placement and fragmentation-aware LRU eviction.
 
     Owns, besides vLLM's block objects and prefix-cache maps, three views of the free blocks (free =
     vLLM's sense: ref_cnt == 0, null block excluded; `_free_mask[i]` is 1 iff block i is free):
-    - `_lru`: every free block that carries a hash (still findable by prefix lookup), least recently
-      used first; `_in_lru[i]` is 1 iff block i is there;
+    - `_lru`: every free block that carries a hash (still findable by prefix lookup) and is in no room,
+      least recently used first; `_in_lru[i]` is 1 iff block i is there;
     - `_reserved_mask` / `_reservations`: free blocks without a hash held for one request's growth,
       right after it;
-    - `_runs`: every free, unreserved block without a hash (*placeable*).
-    Invariants: `get_num_free_blocks()` equals vLLM's count; a reserved block is never in `_runs`; a free
-    cached block is in `_lru` only, so no cached block is evicted while a block without a hash is free.
+    - `_runs`: every free, unreserved block without a hash (*placeable*);
+    - `_room_mask` / `_rooms`: free cached blocks out of `_lru`, held as one request's growth room.
+    Invariants: `get_num_free_blocks()` equals vLLM's count; every free block is in exactly one of
+    `_runs`, a reservation (no hash), `_lru` or a room (hash); reservations are never adjacent, nor are
+    rooms; no cached block is evicted while a free block without a hash exists.
     """
 
     settings: AllocatorSettings = AllocatorSettings()
@@ -104,10 +123,11 @@ class BestFitBlockPool(BlockPool):
         self._free_mask[0] = 0  # the null block
         self._num_free = num_gpu_blocks - 1
         # Reservations are never adjacent (each starts right after its owner's allocated tail): the one
-        # holding a block is found by scanning the mask back to its start (C speed) and `_owner_at`; the
-        # largest is on top of `_reservation_heap` (lazy: entries are re-checked when they surface).
+        # holding a block is found by scanning the mask to its end (C speed) and `_owner_at` (keyed by
+        # the end, which decode growth, taking blocks from the front, never moves); the largest is on
+        # top of `_reservation_heap` (lazy: entries are re-checked when they surface).
         self._reserved_mask = bytearray(num_gpu_blocks)
-        self._owner_at: dict[int, str] = {}  # reservation start -> request id
+        self._owner_at: dict[int, str] = {}  # reservation end (exclusive) -> request id
         self._reservation_heap: list[tuple[int, int, str]] = []  # (-length when pushed, serial, rid)
         self._heap_serial = 0
         self.free_block_queue = _FreeQueueView(self)  # type: ignore[assignment]
@@ -123,14 +143,13 @@ class BestFitBlockPool(BlockPool):
         # the LRU head when the room is dropped. Rooms are never adjacent (an allocated block ends each).
         self._room_mask = bytearray(num_gpu_blocks)
         self._rooms: dict[str, list[int]] = {}
-        self._room_owner_at: dict[int, str] = {}  # room start -> request id
+        self._room_owner_at: dict[int, str] = {}  # room end (exclusive) -> request id
         # request id -> [next, end): blocks reserved right after the request's last block
         self._reservations: dict[str, list[int]] = {}
         # Who is allocating now (set by the KVCacheManager wrappers), and per-request placement state.
         self._request: Any = None
-        self._requests: dict[str, Any] = {}
-        self._tails: dict[str, int] = {}
-        self._held: dict[str, int] = {}
+        self._current: _Placement | None = None
+        self._placements: dict[str, _Placement] = {}
         self._kv_manager: Any = None
         self._mean_output: float | None = None  # moving mean of finished requests' output tokens
         self.counters = {
@@ -154,19 +173,18 @@ class BestFitBlockPool(BlockPool):
             # Fast path of decode growth: the next block of the request's own reservation, or of its
             # own room once no free block without a hash is left (the same steps as `_take`, inlined).
             rid = request.request_id
-            block_id = self._tails.get(rid, -2) + 1
+            placement = self._current
+            block_id = placement.tail + 1  # type: ignore[union-attr]
             span = self._reservations.get(rid)
             if span is not None:
                 found = span[0] == block_id
                 if found:
                     self._reserved_mask[block_id] = 0
-                    owner_at = self._owner_at
-                    del owner_at[block_id]
                     if block_id + 1 == span[1]:
                         del self._reservations[rid]
+                        del self._owner_at[block_id + 1]
                     else:
                         span[0] = block_id + 1
-                        owner_at[block_id + 1] = rid
             elif not self._runs.num_free and not self._reservations:
                 room = self._rooms.get(rid)
                 found = room is not None and room[0] == block_id and (
@@ -181,11 +199,12 @@ class BestFitBlockPool(BlockPool):
                 span = self._reservations[owner]
                 block_id = span[1] - 1
                 self._reserved_mask[block_id] = 0
+                del self._owner_at[block_id + 1]
                 if block_id == span[0]:
                     del self._reservations[owner]
-                    del self._owner_at[block_id]
                 else:
                     span[1] = block_id
+                    self._owner_at[block_id] = owner
                 found = True
             else:
                 found = False
@@ -201,8 +220,8 @@ class BestFitBlockPool(BlockPool):
                         self._emit_block_removed_events(hashes)
                         self.counters["evictions_total"] += 1
                     self._hits[block_id] = 0
-                self._tails[rid] = block_id
-                self._held[rid] = self._held.get(rid, 0) + 1
+                placement.tail = block_id  # type: ignore[union-attr]
+                placement.held += 1  # type: ignore[union-attr]
                 block.ref_cnt = 1
                 return [block]
         blocks = self.blocks
@@ -226,12 +245,12 @@ class BestFitBlockPool(BlockPool):
                 hits[block.block_id] += 1
             if self.metrics_collector:
                 self.metrics_collector.on_block_accessed(block)
-        if request is not None and blocks:
-            rid = request.request_id
+        placement = self._current
+        if placement is not None and blocks:
             last = blocks[-1]
             if not last.is_null:
-                self._tails[rid] = last.block_id
-            self._held[rid] = self._held.get(rid, 0) + len(blocks)
+                placement.tail = last.block_id
+            placement.held += len(blocks)
 
     def free_blocks(self, ordered_blocks: Iterable[KVCacheBlock]) -> None:
         empty_ids: list[int] = []
@@ -363,19 +382,18 @@ class BestFitBlockPool(BlockPool):
     def _unreserve(self, block_id: int) -> None:
         """Cut the reservation holding `block_id` (which leaves) there: its owner keeps the part before
         it, the part after it becomes placeable."""
-        start = self._reserved_mask.rfind(0, 0, block_id) + 1
-        rid = self._owner_at[start]
+        end = self._reserved_mask.find(0, block_id)
+        end = self.num_gpu_blocks if end < 0 else end
+        rid = self._owner_at.pop(end)
         span = self._reservations[rid]
-        end = span[1]
         self._reserved_mask[block_id:end] = bytes(end - block_id)
-        if block_id == start:
+        if block_id == span[0]:
             del self._reservations[rid]
-            del self._owner_at[start]
         else:
             span[1] = block_id
-        placeable = [i for i in range(block_id + 1, end) if self._placeable(i)]
-        if placeable:
-            self._runs.add_many(placeable)
+            self._owner_at[block_id] = rid
+        if block_id + 1 < end:  # reserved blocks never carry a hash
+            self._runs.add_run(block_id + 1, end)
 
     def _consume_reservation(self, rid: str, span: list[int], got: int) -> None:
         """The owner takes the first `got` blocks of its reservation `span`."""
@@ -383,18 +401,17 @@ class BestFitBlockPool(BlockPool):
         reserved_mask = self._reserved_mask
         for block_id in range(nxt, nxt + got):
             reserved_mask[block_id] = 0
-        del self._owner_at[nxt]
         if nxt + got == end:
             del self._reservations[rid]
+            del self._owner_at[end]
         else:
             span[0] = nxt + got
-            self._owner_at[nxt + got] = rid
 
     def _reserve(self, rid: str, start: int, end: int) -> None:
         """Reserve [start, end) (free, out of `_runs`) for `rid`, replacing its reservation if any."""
         self._drop_reservation(rid)
         self._reservations[rid] = [start, end]
-        self._owner_at[start] = rid
+        self._owner_at[end] = rid
         self._reserved_mask[start:end] = b"\x01" * (end - start)
         self._heap_serial += 1
         heap = self._reservation_heap
@@ -431,11 +448,9 @@ class BestFitBlockPool(BlockPool):
         span = self._reservations.pop(rid, None) if rid is not None else None
         if span is not None:
             nxt, end = span
-            del self._owner_at[nxt]
+            del self._owner_at[end]
             self._reserved_mask[nxt:end] = bytes(end - nxt)
-            placeable = [i for i in range(nxt, end) if self._placeable(i)]
-            if placeable:
-                self._runs.add_many(placeable)
+            self._runs.add_run(nxt, end)  # reserved blocks never carry a hash
 
     # ---- placement -----------------------------------------------------------------------------
 
@@ -456,7 +471,7 @@ class BestFitBlockPool(BlockPool):
             generated = getattr(request, "num_output_tokens", 0)
             expected_output = max(int(self._mean_output), 2 * generated)
             learned = -(-(request.num_prompt_tokens + expected_output) // block_size) - held - num
-            fair_share = self._num_free // (len(self._requests) + 1)
+            fair_share = self._num_free // (len(self._placements) + 1)
             extra = min(most, max(learned, fair_share, 0))
         cap = self.settings.growth_reserve_max_blocks
         return extra if cap is None else min(extra, cap)
@@ -464,9 +479,10 @@ class BestFitBlockPool(BlockPool):
     def _take(self, num: int) -> list[int]:
         """Choose and claim `num` free block ids for the current request (see the module docstring)."""
         out: list[int] = []
-        rid = self._request.request_id if self._request is not None else None
-        tail = self._tails.get(rid, -2) if rid is not None else -2
-        held = self._held.get(rid, 0) if rid is not None else 0
+        placement = self._current
+        rid = self._request.request_id if placement is not None else None
+        tail = placement.tail if placement is not None else -2
+        held = placement.held if placement is not None else 0
         runs = self._runs
         reserved_mask = self._reserved_mask
         # 1. own reservation
@@ -526,11 +542,12 @@ class BestFitBlockPool(BlockPool):
                 keep = end - cut - need if rid is not None else 0
             got = end - cut - keep
             self._reserved_mask[cut:end] = bytes(end - cut)
+            del self._owner_at[end]
             if cut == nxt:
                 del self._reservations[owner]
-                del self._owner_at[nxt]
             else:
                 span[1] = cut
+                self._owner_at[cut] = owner
             for block_id in range(cut, cut + got):
                 self._claim(block_id)
             out.extend(range(cut, cut + got))
@@ -549,9 +566,9 @@ class BestFitBlockPool(BlockPool):
                 extra = self._expected_more(held + len(out), need) if rid is not None else 0
             size = need + extra
             out.extend(self._evict_contiguous(need, last, size, rid))
-        if rid is not None:
-            self._tails[rid] = out[-1]
-            self._held[rid] = held + num
+        if placement is not None:
+            placement.tail = out[-1]
+            placement.held = held + num
         return out
 
     def _age_limit(self) -> int:
@@ -640,26 +657,25 @@ class BestFitBlockPool(BlockPool):
         if end > start:
             self._drop_room(rid)
             self._rooms[rid] = [start, end]
-            self._room_owner_at[start] = rid
+            self._room_owner_at[end] = rid
             self._room_mask[start:end] = b"\x01" * (end - start)
 
     def _consume_room(self, rid: str, room: list[int], got: int) -> None:
         """The owner takes the first `got` blocks of its room."""
         nxt, end = room
         self._room_mask[nxt : nxt + got] = bytes(got)
-        del self._room_owner_at[nxt]
         if nxt + got == end:
             del self._rooms[rid]
+            del self._room_owner_at[end]
         else:
             room[0] = nxt + got
-            self._room_owner_at[nxt + got] = rid
 
     def _drop_room(self, rid: str | None) -> None:
         """Give `rid`'s room back to the LRU, at its head (its blocks were the oldest when taken)."""
         room = self._rooms.pop(rid, None) if rid is not None else None
         if room is not None:
             self._return_room_blocks(room[0], room[1])
-            del self._room_owner_at[room[0]]
+            del self._room_owner_at[room[1]]
 
     def _return_room_blocks(self, start: int, end: int) -> None:
         if end > start:
@@ -670,17 +686,17 @@ class BestFitBlockPool(BlockPool):
     def _cut_room(self, block_id: int) -> None:
         """A room block leaves (prefix hit, compaction): the owner keeps the part before it, the part
         after it goes back to the LRU."""
-        start = self._room_mask.rfind(0, 0, block_id) + 1
-        rid = self._room_owner_at[start]
+        end = self._room_mask.find(0, block_id)
+        end = self.num_gpu_blocks if end < 0 else end
+        rid = self._room_owner_at.pop(end)
         room = self._rooms[rid]
-        end = room[1]
         self._room_mask[block_id] = 0
         self._return_room_blocks(block_id + 1, end)
-        if block_id == start:
+        if block_id == room[0]:
             del self._rooms[rid]
-            del self._room_owner_at[start]
         else:
             room[1] = block_id
+            self._room_owner_at[block_id] = rid
 
     def _pick_eviction(self, after: int) -> KVCacheBlock:
         """Among the `eviction_window` least recently used cached blocks: fewest hits, then the block
@@ -708,24 +724,32 @@ class BestFitBlockPool(BlockPool):
     # ---- request context (called by the KVCacheManager wrappers) -------------------------------
 
     def begin_request(self, request: Any) -> None:
+        placement = self._placements.get(request.request_id)
+        if placement is None:
+            placement = self._placements[request.request_id] = _Placement(request)
         self._request = request
-        self._requests[request.request_id] = request
+        self._current = placement
 
     def end_request(self) -> None:
         self._request = None
+        self._current = None
+
+    @property
+    def _requests(self) -> dict[str, Any]:
+        """Running (or allocating) requests by id."""
+        return {rid: placement.request for rid, placement in self._placements.items()}
 
     def forget_request(self, request_id: str) -> None:
         """The request's blocks went back (finished, aborted or preempted): drop its placement state."""
         self._drop_reservation(request_id)
         self._drop_room(request_id)
-        request = self._requests.pop(request_id, None)
+        placement = self._placements.pop(request_id, None)
+        request = placement.request if placement is not None else None
         if request is not None and request.is_finished():
             alpha = self.settings.output_mean_weight
             produced = float(request.num_output_tokens)
             mean = self._mean_output
             self._mean_output = produced if mean is None else mean + alpha * (produced - mean)
-        self._tails.pop(request_id, None)
-        self._held.pop(request_id, None)
 
     def protect_for_resume(self, blocks: Iterable[KVCacheBlock]) -> None:
         """A preempted request's cached blocks will be hit when it resumes: count that use now (eviction
@@ -761,13 +785,13 @@ class BestFitBlockPool(BlockPool):
         """Assert the invariants of the free structures (O(num_blocks); for tests)."""
         reserved = {i for nxt, end in self._reservations.values() for i in range(nxt, end)}
         assert reserved == {i for i, r in enumerate(self._reserved_mask) if r}
-        assert self._owner_at == {span[0]: rid for rid, span in self._reservations.items()}
+        assert self._owner_at == {span[1]: rid for rid, span in self._reservations.items()}
         for rid, (nxt, end) in self._reservations.items():  # never adjacent: the owner scan finds starts
             assert nxt == 0 or not self._reserved_mask[nxt - 1]
             assert any(entry[2] == rid and -entry[0] >= end - nxt for entry in self._reservation_heap)
         roomed = {i for nxt, end in self._rooms.values() for i in range(nxt, end)}
         assert roomed == {i for i, r in enumerate(self._room_mask) if r}
-        assert self._room_owner_at == {room[0]: rid for rid, room in self._rooms.items()}
+        assert self._room_owner_at == {room[1]: rid for rid, room in self._rooms.items()}
         for nxt, end in self._rooms.values():  # never adjacent: the owner scan finds starts
             assert nxt < end and (nxt == 0 or not self._room_mask[nxt - 1])
         assert not roomed & reserved
@@ -782,7 +806,7 @@ class BestFitBlockPool(BlockPool):
             assert (self._in_lru[i] != 0) == (i in lru)
             placeable = free and i not in reserved and self._placeable(i)
             assert self._runs.contains(i) == placeable, (block, self._hits[i], i in reserved)
-            assert not (i in reserved and not free)
+            assert not (i in reserved and (not free or block.block_hash is not None))
             if block.block_hash is not None:
                 assert self.cached_block_hash_to_block.contain(block.block_hash, i)
         assert self._num_free == sum(self._free_mask)
