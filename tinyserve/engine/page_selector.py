@@ -92,6 +92,11 @@ class PageSelector:
         """Pages every KV head of each request selects (int64): min(pages, budget pages)."""
         return torch.minimum(self.num_pages(seq_lens), budget_pages.long())
 
+    def selection_bias(self, seq_lens: Tensor, max_pages: int) -> Tensor:
+        """The sinks and last pages (forced) and the pages past each request (never), as the fp32 bias
+        [n, 1, max_pages] `select` adds to the scores; it depends on the lengths only, so once per step."""
+        return reference.page_selection_bias(seq_lens, self.block_size, max_pages, self.settings.num_sink_pages)
+
     def selected_lens(self, seq_lens: Tensor, budget_pages: Tensor) -> Tensor:
         """Tokens every KV head of each request reads (int64): seq_len − unselected pages × block_size."""
         unselected = self.num_pages(seq_lens) - self.num_selected(seq_lens, budget_pages)
@@ -99,15 +104,15 @@ class PageSelector:
 
     # -- selection (per layer) ---------------------------------------------------------------------
     def select(self, query: Tensor, key_min: Tensor, key_max: Tensor, block_table: Tensor,
-               seq_lens: Tensor, budget_pages: Tensor) -> tuple[Tensor, Tensor]:
+               seq_lens: Tensor, budget_pages: Tensor, bias: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Selected logical pages of each request and KV head.
 
         query [n, Hq, D]; key_min/key_max [num_blocks, Hkv, D]; block_table [n, P]; seq_lens [n];
-        budget_pages [n]. Returns `selected` int64 [n, Hkv, K] (ascending, padded with -1) and
-        `num_selected` int64 [n, Hkv].
+        budget_pages [n]; bias: `selection_bias(seq_lens, P)` if the caller kept it. Returns `selected`
+        int64 [n, Hkv, K] (ascending, padded with -1) and `num_selected` int64 [n, Hkv].
         """
         return reference.score_and_select_pages(query, key_min, key_max, block_table, seq_lens, self.block_size,
-                                                budget_pages, self.settings.num_sink_pages)
+                                                budget_pages, self.settings.num_sink_pages, bias)
 
     def count(self, seq_lens: Tensor, num_selected: Tensor, bytes_per_token_head: int) -> None:
         """Add one selection over these requests (one layer) to the counters.

@@ -107,7 +107,7 @@ class DecodeSelectionPlan:
     kernel's work partition are known before any layer runs).
 
     rows: batch rows of the eligible requests; query_index: their query token; block_table / seq_lens /
-    budget_pages: their rows. head_seq_lens / head_query_start_loc / head_scheduler_metadata: the kernel's
+    budget_pages: their rows; selection_bias: `PageSelector.selection_bias` of their rows. head_seq_lens / head_query_start_loc / head_scheduler_metadata: the kernel's
     batch of (request, KV head) sequences over the one-head cache view, request-major (row i, head h is
     sequence i * num_kv_heads + h). rest: metadata of the stock call for the step's other rows (the selecting
     rows cut to one token), or None when every row of the step selects.
@@ -119,6 +119,7 @@ class DecodeSelectionPlan:
     block_table: torch.Tensor
     seq_lens: torch.Tensor
     budget_pages: torch.Tensor
+    selection_bias: torch.Tensor
     head_seq_lens: torch.Tensor
     head_query_start_loc: torch.Tensor
     head_scheduler_metadata: torch.Tensor
@@ -183,13 +184,15 @@ def plan_decode_selection(selector: PageSelector, md: CPUAttentionMetadata, num_
         rest = dataclasses.replace(md, seq_lens=rest_lens,
                                    scheduler_metadata=partition(rest_lens, md.query_start_loc, num_heads,
                                                                 num_kv_heads))
+    block_table = md.block_table[rows]
     return DecodeSelectionPlan(
         selector=selector,
         rows=rows,
         query_index=qsl[rows].long(),
-        block_table=md.block_table[rows],
+        block_table=block_table,
         seq_lens=row_seq_lens,
         budget_pages=budget,
+        selection_bias=selector.selection_bias(row_seq_lens, block_table.shape[1]),
         head_seq_lens=head_lens,
         head_query_start_loc=head_qsl,
         head_scheduler_metadata=partition(head_lens, head_qsl, num_heads // num_kv_heads, 1),
@@ -247,7 +250,7 @@ class QueryAwareCPUAttentionImpl(CPUAttentionBackendImpl):
         n, hkv, d = plan.rows.numel(), self.num_kv_heads, self.head_size
         q = query.index_select(0, plan.query_index)                                  # [n, Hq, D]
         selected, num_selected = plan.selector.select(q, meta.key_min, meta.key_max, plan.block_table,
-                                                      plan.seq_lens, plan.budget_pages)
+                                                      plan.seq_lens, plan.budget_pages, plan.selection_bias)
         key_cache, value_cache = one_head_cache_view(kv_cache)
         out = torch.empty(n * hkv, self.num_queries_per_kv, d, dtype=output.dtype)
         vllm_ops.cpu_attention_with_kv_cache(

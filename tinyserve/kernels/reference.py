@@ -33,6 +33,7 @@ __all__ = [
     "sparse_paged_decode_attention",
     "query_aware_decode",
     "score_and_select_pages",
+    "page_selection_bias",
     "copy_blocks",
     "free_runs",
     "free_run_stats",
@@ -194,18 +195,32 @@ def query_aware_decode(query: Tensor, key_cache: Tensor, value_cache: Tensor, ke
     return out, selected, num_selected
 
 
+def page_selection_bias(seq_lens: Tensor, block_size: int, max_pages: int, num_sink_pages: int = 1) -> Tensor:
+    """What ``select_pages`` forces, as an fp32 bias ``[B, 1, max_pages]`` to add to finite page scores:
+    ``+inf`` on the sink pages and the last page of each sequence, ``-inf`` past the sequence, 0 elsewhere."""
+    npages = num_pages_of(seq_lens, block_size).view(-1, 1, 1)
+    pidx = torch.arange(max_pages, device=seq_lens.device).view(1, 1, -1)
+    live = pidx < npages
+    forced = live & ((pidx < num_sink_pages) | (pidx == npages - 1))
+    bias = torch.zeros(live.shape, dtype=torch.float32, device=seq_lens.device)
+    return bias.masked_fill_(forced, float("inf")).masked_fill_(~live, float("-inf"))
+
+
 def score_and_select_pages(query: Tensor, key_min: Tensor, key_max: Tensor, block_tables: Tensor,
-                           seq_lens: Tensor, block_size: int, budget_pages: Tensor,
-                           num_sink_pages: int = 1) -> tuple[Tensor, Tensor]:
+                           seq_lens: Tensor, block_size: int, budget_pages: Tensor, num_sink_pages: int = 1,
+                           bias: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """``page_scores`` then ``select_pages``, in one pass with a page budget per sequence, in fewer and
     cheaper torch ops (rows gathered with ``index_select``, scores as a multiply-sum instead of an einsum over
-    a permuted copy, one top-k for all budgets): the path of the CPU engine, where these small ops dominate.
+    a permuted copy, forced and dead pages as one added bias, one top-k for all budgets): the path of the CPU
+    engine, where the fixed cost of each small op dominates.
 
     budget_pages: int ``[B]``, pages each KV head of a sequence may keep (sinks and last page included, at
-    least ``num_sink_pages + 1``). Returns ``selected`` int64 ``[B, Hkv, K]`` (ascending logical pages, -1
-    padded, ``K = min(max_pages, max budget)``) and ``num_selected`` int64 ``[B, Hkv]``, the pages
-    ``select_pages(page_scores(...), ..., budget_pages[b] * block_size, ...)`` picks for each sequence b
-    (scores are the same fp32 sums in another order, so only exact near-ties may resolve differently).
+    least ``num_sink_pages + 1``). bias: ``page_selection_bias(seq_lens, block_size, max_pages,
+    num_sink_pages)`` when the caller already has it (it depends on the lengths only, not on the query).
+    Returns ``selected`` int64 ``[B, Hkv, K]`` (ascending logical pages, -1 padded, ``K = min(max_pages,
+    max budget)``) and ``num_selected`` int64 ``[B, Hkv]``, the pages ``select_pages(page_scores(...), ...,
+    budget_pages[b] * block_size, ...)`` picks for each sequence b (scores are the same fp32 sums in another
+    order, so only exact near-ties may resolve differently).
     """
     b, hq, d = query.shape
     hkv = key_min.shape[1]
@@ -215,20 +230,22 @@ def score_and_select_pages(query: Tensor, key_min: Tensor, key_max: Tensor, bloc
     kmax = key_max.index_select(0, rows).view(b, p, hkv, d).float()
     kmin = key_min.index_select(0, rows).view(b, p, hkv, d).float()
     scores = ((kmax * qp.unsqueeze(1)).sum(-1) + (kmin * qn.unsqueeze(1)).sum(-1)).transpose(1, 2)  # [B, Hkv, P]
-    npages = num_pages_of(seq_lens, block_size).to(scores.device).view(-1, 1, 1)
-    pidx = torch.arange(p, device=scores.device).view(1, 1, -1)
-    live = pidx < npages
-    forced = live & ((pidx < num_sink_pages) | (pidx == npages - 1))
+    if bias is None:
+        bias = page_selection_bias(seq_lens, block_size, p, num_sink_pages)
     big = torch.finfo(torch.float32).max                                      # forced > live > dead, as there
-    key = torch.nan_to_num(scores, nan=-big, posinf=big, neginf=-big)
-    key = key.masked_fill(forced, float("inf")).masked_fill(~live, float("-inf"))
+    key = torch.nan_to_num(scores, nan=-big, posinf=big, neginf=-big).add_(bias)
     budget = budget_pages.long().to(scores.device).clamp(min=num_sink_pages + 1).view(-1, 1)
     k = min(p, int(budget.max()))
     top = torch.topk(key, k, dim=-1, sorted=True).indices                     # best first
-    nsel = torch.minimum(npages.view(-1, 1), budget).expand(b, hkv)
-    keep = torch.arange(k, device=scores.device).view(1, 1, -1) < nsel.unsqueeze(-1)
-    top = torch.sort(torch.where(keep, top, torch.full_like(top, p)), dim=-1).values
-    return torch.where(top == p, torch.full_like(top, -1), top), nsel.contiguous()
+    nsel = torch.minimum(num_pages_of(seq_lens, block_size).to(scores.device).view(-1, 1), budget)
+    padded = bool((nsel < k).any())
+    if padded:                                     # slots past a sequence's own count: -1, sorted last
+        keep = torch.arange(k, device=scores.device).view(1, 1, -1) < nsel.unsqueeze(-1)
+        top = torch.where(keep, top, torch.full_like(top, p))
+    top = torch.sort(top, dim=-1).values
+    if padded:
+        top = torch.where(top == p, torch.full_like(top, -1), top)
+    return top, nsel.expand(b, hkv).contiguous()
 
 
 def copy_blocks(caches: list[Tensor], src: Tensor, dst: Tensor) -> None:
