@@ -195,3 +195,17 @@ def test_sequential_requests_of_one_prefix_stay_on_its_idle_replica():
         pol.record_routed(i, r, chain, 50 * BS, d.prefix_blocks[r], now=float(i))
         idx.store(r, chain)
         pol.complete(i)
+
+
+def test_share_penalty_is_charged_in_work_per_request_learnt_from_routed_requests():
+    m = CostModel(CostWeights(prefill_s_per_token=1e-3, decode_s_per_request=0.02))
+    assert m.share_penalty_s(2.0, 0.5) == pytest.approx(1.0)
+    assert CostModel(CostWeights(excess_share_s=0.1)).share_penalty_s(2.0, 0.5) == pytest.approx(0.2)
+    idx = KVBlockIndex()
+    idx.add_replica("a", exact=True)
+    pol = RoutingPolicy(idx, m, BS)
+    assert pol._work_s == pytest.approx(0.02)  # one decode step before any request: prefixes settle first
+    for i in range(2000):  # cold 320-token prompts: 0.32 s of prefill + one decode step each
+        pol.record_routed(i, "a", [], 320, 0, now=float(i))
+        pol.complete(i)
+    assert pol._work_s == pytest.approx(0.34, rel=1e-3)

@@ -7,10 +7,12 @@
            plus scatter_s × free-space scatter (blocks that must move as runs pay for scatter)
 
 The overlap credit is the first term: every cached token is prefill the replica skips. The routing policy
-adds ``excess_share_s × (recent requests − mean recent requests)`` (`share_penalty_s`): at low load
-nothing is in flight anywhere, and without it small overlaps (a shared instruction, a chat template) would
-steer every new prefix onto the replicas that already served most requests, until the balance bounds force
-hot prefixes to spread (each spread a cold prefill). The weights are
+adds ``work per request × (recent requests − mean recent requests)`` (`share_penalty_s`; work per request is
+the running mean of uncached prefill plus one decode per request it routed, or ``excess_share_s``): a
+replica sent more than its share has that much more work to get through than its peers. Without it, at low
+load (nothing in flight anywhere) small overlaps (a shared instruction, a chat template) steer every new
+prefix onto the replicas that already served most requests until the balance bounds force hot prefixes to
+spread (each spread a cold prefill), and a hot prefix keeps its replica busier than the rest. The weights are
 calibrated from a live run (`CostWeights.calibrate`): prefill seconds per token from TTFT of cold prompts,
 decode seconds per request from how TTFT grows with the number of requests in flight.
 """
@@ -31,7 +33,7 @@ class CostWeights:
     kv_pressure_threshold: float = 0.85
     kv_pressure_s: float = 1.0
     scatter_s: float = 0.01
-    excess_share_s: float | None = None  # None: decode_s_per_request
+    excess_share_s: float | None = None  # None: the router's running mean of work per request
 
     @classmethod
     def calibrate(
@@ -93,11 +95,12 @@ class CostModel:
             pen += w.kv_pressure_s * x * x
         return pen
 
-    def share_penalty_s(self, excess_requests: float) -> float:
-        """Seconds charged for `excess_requests` more recent requests than the mean (negative: fewer). By
-        Little's law a replica sent more than its share holds about that many more requests in flight."""
+    def share_penalty_s(self, excess_requests: float, work_per_request_s: float) -> float:
+        """Seconds charged for `excess_requests` more recent requests than the mean (negative: fewer): each
+        is a request's worth of work (`work_per_request_s`, the router's running mean of the prefill and
+        decode it sends per request) that replica must get through before its peers."""
         w = self.weights
-        return (w.decode_s_per_request if w.excess_share_s is None else w.excess_share_s) * excess_requests
+        return (work_per_request_s if w.excess_share_s is None else w.excess_share_s) * excess_requests
 
     def cost(self, prompt_tokens: int, cached_tokens: int, load: ReplicaLoad) -> float:
         """Expected seconds to first token on a replica holding `cached_tokens` of the prompt."""

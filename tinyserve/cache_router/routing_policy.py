@@ -33,6 +33,8 @@ from tinyserve.cache_router.kv_block_index import KVBlockIndex
 
 __all__ = ["Decision", "RoutingPolicy"]
 
+_WORK_EWMA = 1.0 / 64  # weight of the newest request in the running mean of work per request
+
 
 @dataclass
 class Decision:
@@ -78,7 +80,7 @@ class RoutingPolicy:
         balance_factor: float = 1.25,
         inflight_slack: float = 2.0,
         share_slack: float = 2.0,
-        share_half_life: int = 256,
+        share_half_life: int = 64,
         session_capacity: int = 100_000,
     ) -> None:
         self.index = index
@@ -92,6 +94,9 @@ class RoutingPolicy:
         self._state: dict[Hashable, _ReplicaState] = {}
         self._inflight: dict[Hashable, Hashable] = {}
         self._sessions: OrderedDict[str, Hashable] = OrderedDict()
+        # Running mean of the work (s) per routed request, the share penalty's unit. It starts at one decode
+        # step, not at the first (cold) request: prefixes settle on replicas before balance weighs in fully.
+        self._work_s = cost.weights.decode_s_per_request
         self._session_capacity = session_capacity
 
     # ----- replicas --------------------------------------------------------------------------------
@@ -157,8 +162,8 @@ class RoutingPolicy:
             total_share += share
             rows.append((cost_of(prompt_tokens, prefix[r] * bs, load), r, req, share))
         mean_share = total_share / n
-        penalty = self.cost.share_penalty_s
-        rows = [(c + penalty(sh - mean_share), r, req, sh) for c, r, req, sh in rows]
+        penalty, work = self.cost.share_penalty_s, self._work_s
+        rows = [(c + penalty(sh - mean_share, work), r, req, sh) for c, r, req, sh in rows]
         rows.sort(key=lambda row: row[0])
         req_cap = self._cap((total_req + 1) / n, self.inflight_slack)
         share_cap = self._cap((total_share + 1) / n, self.share_slack)
@@ -203,7 +208,10 @@ class RoutingPolicy:
         s.inflight += 1
         s.routed += 1
         start = s.prefill_busy_until if s.prefill_busy_until > now else now
-        s.prefill_busy_until = start + self.cost.prefill_s(prompt_tokens - cached_blocks * self.block_size)
+        prefill = self.cost.prefill_s(prompt_tokens - cached_blocks * self.block_size)
+        s.prefill_busy_until = start + prefill
+        work = prefill + self.cost.weights.decode_s_per_request
+        self._work_s += _WORK_EWMA * (work - self._work_s)
         self._inflight[request_id] = replica
         if chain:
             self.index.record_decision(replica, chain, now)
