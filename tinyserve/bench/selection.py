@@ -354,7 +354,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--fractions", type=float, nargs="+", default=DEFAULT_FRACTIONS)
     p.add_argument("--trials", type=int, default=3)
     p.add_argument("--model", default="models/tinyserve-small", help="made with make_model(..., 'small') if absent")
-    p.add_argument("--engine-contexts", type=int, nargs="+", default=[8192, 32768])
+    p.add_argument("--engine-contexts", type=int, nargs="+", default=[8192, 30720],
+                   help="engine part: prompt lengths (+ decode tokens + 64 must fit the model's 32k positions)")
     p.add_argument("--decode-tokens", type=int, default=64)
     p.add_argument("--budget-tokens", type=int, default=1024, help="engine part: selection budget")
     p.add_argument("--exempt-layers", type=int, nargs="*", default=[0, 1])
