@@ -83,14 +83,16 @@ class _FreeQueueView:
 
 class _Placement:
     """Placement state of one request that is running or allocating: its vLLM Request, the id of the
-    last block of its table (-2 before it holds one) and how many blocks its table holds."""
+    last block of its table (-2 before it holds one), how many blocks its table holds, and its
+    reservation (the same list as `BestFitBlockPool._reservations[request id]`, or None)."""
 
-    __slots__ = ("request", "tail", "held")
+    __slots__ = ("request", "tail", "held", "span")
 
     def __init__(self, request: Any) -> None:
         self.request = request
         self.tail = -2
         self.held = 0
+        self.span: list[int] | None = None
 
 
 class BestFitBlockPool(BlockPool):
@@ -175,13 +177,13 @@ class BestFitBlockPool(BlockPool):
             rid = request.request_id
             placement = self._current
             block_id = placement.tail + 1  # type: ignore[union-attr]
-            span = self._reservations.get(rid)
+            span = placement.span  # type: ignore[union-attr]
             if span is not None:
                 found = span[0] == block_id
                 if found:
                     self._reserved_mask[block_id] = 0
                     if block_id + 1 == span[1]:
-                        del self._reservations[rid]
+                        self._end_reservation(rid)
                         del self._owner_at[block_id + 1]
                     else:
                         span[0] = block_id + 1
@@ -201,7 +203,7 @@ class BestFitBlockPool(BlockPool):
                 self._reserved_mask[block_id] = 0
                 del self._owner_at[block_id + 1]
                 if block_id == span[0]:
-                    del self._reservations[owner]
+                    self._end_reservation(owner)
                 else:
                     span[1] = block_id
                     self._owner_at[block_id] = owner
@@ -388,7 +390,7 @@ class BestFitBlockPool(BlockPool):
         span = self._reservations[rid]
         self._reserved_mask[block_id:end] = bytes(end - block_id)
         if block_id == span[0]:
-            del self._reservations[rid]
+            self._end_reservation(rid)
         else:
             span[1] = block_id
             self._owner_at[block_id] = rid
@@ -402,7 +404,7 @@ class BestFitBlockPool(BlockPool):
         for block_id in range(nxt, nxt + got):
             reserved_mask[block_id] = 0
         if nxt + got == end:
-            del self._reservations[rid]
+            self._end_reservation(rid)
             del self._owner_at[end]
         else:
             span[0] = nxt + got
@@ -410,7 +412,10 @@ class BestFitBlockPool(BlockPool):
     def _reserve(self, rid: str, start: int, end: int) -> None:
         """Reserve [start, end) (free, out of `_runs`) for `rid`, replacing its reservation if any."""
         self._drop_reservation(rid)
-        self._reservations[rid] = [start, end]
+        span = self._reservations[rid] = [start, end]
+        placement = self._placements.get(rid)
+        if placement is not None:
+            placement.span = span
         self._owner_at[end] = rid
         self._reserved_mask[start:end] = b"\x01" * (end - start)
         self._heap_serial += 1
@@ -420,6 +425,12 @@ class BestFitBlockPool(BlockPool):
             heap[:] = [(n - e, i, r) for i, (r, (n, e)) in enumerate(self._reservations.items())]
             heapq.heapify(heap)
             self._heap_serial = len(heap)
+
+    def _end_reservation(self, rid: str) -> None:
+        del self._reservations[rid]
+        placement = self._placements.get(rid)
+        if placement is not None:
+            placement.span = None
 
     def _largest_reservation(self) -> str:
         """Owner of the largest reservation (lazy heap: stale entries are refreshed or dropped)."""
@@ -445,8 +456,9 @@ class BestFitBlockPool(BlockPool):
         return self.blocks[block_id].block_hash is None
 
     def _drop_reservation(self, rid: str | None) -> None:
-        span = self._reservations.pop(rid, None) if rid is not None else None
+        span = self._reservations.get(rid) if rid is not None else None
         if span is not None:
+            self._end_reservation(rid)
             nxt, end = span
             del self._owner_at[end]
             self._reserved_mask[nxt:end] = bytes(end - nxt)
@@ -544,7 +556,7 @@ class BestFitBlockPool(BlockPool):
             self._reserved_mask[cut:end] = bytes(end - cut)
             del self._owner_at[end]
             if cut == nxt:
-                del self._reservations[owner]
+                self._end_reservation(owner)
             else:
                 span[1] = cut
                 self._owner_at[cut] = owner
@@ -786,6 +798,8 @@ class BestFitBlockPool(BlockPool):
         reserved = {i for nxt, end in self._reservations.values() for i in range(nxt, end)}
         assert reserved == {i for i, r in enumerate(self._reserved_mask) if r}
         assert self._owner_at == {span[1]: rid for rid, span in self._reservations.items()}
+        for rid, placement in self._placements.items():
+            assert placement.span is self._reservations.get(rid)
         for rid, (nxt, end) in self._reservations.items():  # never adjacent: the owner scan finds starts
             assert nxt == 0 or not self._reserved_mask[nxt - 1]
             assert any(entry[2] == rid and -entry[0] >= end - nxt for entry in self._reservation_heap)
