@@ -2,8 +2,7 @@
 
 1. The split K-then-V block layout read through doubled block ids gives exactly the reference's sparse
    attention over the same pages (and dense attention at a budget >= the context).
-2. The device counters count one step as the module documents.
-3. End to end (vLLM on the GPU, dummy weights): stock FlashAttention and TinyServe's backend at a budget
+2. End to end (vLLM on the GPU, dummy weights): stock FlashAttention and TinyServe's backend at a budget
    above every context produce the same first token (prefill is stock FA on both layouts) and the same
    greedy tokens within bf16 noise, and the selection counters say selection ran.
 """
@@ -60,22 +59,6 @@ def test_split_layout_decode_matches_reference(budget_pages: int) -> None:
     if budget_pages >= pages:
         dense = reference.paged_decode_attention(query, k_plain, v_plain, table, seq_lens, 0.088)
         assert (out.float() - dense.float()).norm() / dense.float().norm() < 2e-2
-
-
-def test_counters_count_one_step() -> None:
-    from tinyserve.engine import cuda_selection_backend as m
-
-    m._STATE.counters = torch.zeros(5, dtype=torch.int64, device="cuda")
-    m._STATE.selecting_layers = {"a", "b"}
-    m._STATE.kv_bytes_per_token = 10
-    seq_lens = torch.tensor([130, 64, 0], dtype=torch.int32, device="cuda")      # last row: graph padding
-    nsel = torch.tensor([[2, 2], [1, 1], [1, 1]], dtype=torch.int32, device="cuda")
-    m._count(seq_lens, nsel, 64)
-    got = m.selection_counters()
-    # 130 tokens = 3 pages, 2 read (one full page skipped: 130 - 64 = 66 read); 64 tokens = 1 page, all read.
-    assert got == {"decode_steps_total": 4, "pages_scored_total": 8, "pages_selected_total": 6,
-                   "kv_bytes_read_total": (66 + 64) * 2 * 10, "kv_bytes_not_read_total": 64 * 2 * 10}
-    m._STATE.counters = None
 
 
 _ENGINE_SCRIPT = textwrap.dedent("""

@@ -70,7 +70,7 @@ class _ProcessState:
         self.counters: torch.Tensor | None = None
         self.selecting_layers: set[str] = set()
         self.counting_layer: str | None = None
-        self.kv_bytes_per_token: int = 0
+        self.kv_bytes_per_token_head: int = 0   # K and V bytes of one token of one KV head
         self.kernels_warm = False
 
 
@@ -200,7 +200,7 @@ def _make_classes() -> tuple[type, type, type]:
             if _STATE.counting_layer is None:
                 _STATE.counting_layer = layer.layer_name
                 _STATE.counters = torch.zeros(len(_COUNTER_KEYS), dtype=torch.int64, device=kv_cache.device)
-                _STATE.kv_bytes_per_token = 2 * hkv * d * kv_cache.element_size()
+                _STATE.kv_bytes_per_token_head = 2 * d * kv_cache.element_size()
 
         def do_kv_cache_update(self, layer, key, value, kv_cache, slot_mapping) -> None:
             if self.attn_type in (AttentionType.ENCODER_ONLY, AttentionType.ENCODER):
@@ -293,13 +293,15 @@ def decode_on_split_layout(query: torch.Tensor, key_cache: torch.Tensor, value_c
 
 
 def _count(seq_lens: torch.Tensor, num_selected: torch.Tensor, block_size: int) -> None:
-    """Add one step's numbers to the device counters (no host sync; safe inside a CUDA graph)."""
+    """Add one step's numbers to the device counters (no host sync; safe inside a CUDA graph). Pages and
+    tokens count per (page, KV head), as the CPU backend counts them: each KV head selects its own pages."""
     live = (seq_lens > 0).long()
     sl = seq_lens.long()
     pages = (sl + block_size - 1) // block_size
-    nsel = num_selected[:, 0].long()
-    read = sl - (pages - nsel) * block_size          # every unselected page is a full one
-    step = torch.stack((live, pages, nsel, read, sl - read)) * live
+    nsel = num_selected.long()                       # [B, Hkv]
+    hkv = nsel.shape[1]
+    read = (sl.unsqueeze(1) - (pages.unsqueeze(1) - nsel) * block_size).sum(1)   # every unselected page is full
+    step = torch.stack((live, pages * hkv, nsel.sum(1), read, sl * hkv - read)) * live
     _STATE.counters.add_(step.sum(dim=1))
 
 
@@ -327,8 +329,8 @@ def selection_counters() -> dict[str, int]:
         decode_steps_total=steps * layers,
         pages_scored_total=scored * layers,
         pages_selected_total=selected * layers,
-        kv_bytes_read_total=read * layers * _STATE.kv_bytes_per_token,
-        kv_bytes_not_read_total=not_read * layers * _STATE.kv_bytes_per_token,
+        kv_bytes_read_total=read * layers * _STATE.kv_bytes_per_token_head,
+        kv_bytes_not_read_total=not_read * layers * _STATE.kv_bytes_per_token_head,
     )
     return out
 
