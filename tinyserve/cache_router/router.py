@@ -76,7 +76,7 @@ class QueryAwareRouter(RequestRouter):
         balance_factor: float = 1.25,
         inflight_slack: float = 2.0,
         share_slack: float = 2.0,
-        share_half_life: int = 64,
+        share_half_life: float = 16.0,
         approx_ttl_s: float = 120.0,
         unhealthy_stats_age_s: float = 30.0,
         silent_stream_s: float = 15.0,

@@ -9,7 +9,9 @@ cheapest replica when its cheapest one is over a bound). Each bound caps what a 
 taking the request at ``max(balance_factor × level, ceil(level) + slack)``, where ``level`` is the
 per-replica mean after the request:
 - in flight: requests in flight (``inflight_slack``);
-- share: recent requests, exponentially decayed over ``share_half_life`` decisions (``share_slack``); moot
+- share: recent requests, exponentially decayed with a half-life of ``share_half_life`` decisions per
+  replica (the memory grows with the cluster, so each replica's share counts a similar number of its own
+  requests at any size) (``share_slack``); moot
   while nothing is in flight anywhere (nothing could queue behind the request; sequential requests stay
   where their prefix is cached).
 The factor is the bound that holds once the mean is a few requests; the integer slack only lets the first
@@ -80,7 +82,7 @@ class RoutingPolicy:
         balance_factor: float = 1.25,
         inflight_slack: float = 2.0,
         share_slack: float = 2.0,
-        share_half_life: int = 64,
+        share_half_life: float = 16.0,
         session_capacity: int = 100_000,
     ) -> None:
         self.index = index
@@ -89,7 +91,9 @@ class RoutingPolicy:
         self.balance_factor = balance_factor
         self.inflight_slack = inflight_slack
         self.share_slack = share_slack
-        self._decay = 0.5 ** (1.0 / max(1, share_half_life))
+        self.share_half_life = share_half_life
+        self._decay = 0.5 ** (1.0 / max(1.0, share_half_life))
+        self._decay_replicas = 1
         self._tick = 0
         self._state: dict[Hashable, _ReplicaState] = {}
         self._inflight: dict[Hashable, Hashable] = {}
@@ -141,6 +145,9 @@ class RoutingPolicy:
         prefix = self.index.longest_prefix(chain, healthy) if chain else dict.fromkeys(healthy, 0)
         best = max(prefix.values())
         n = len(healthy)
+        if n != self._decay_replicas:
+            self._decay_replicas = n
+            self._decay = 0.5 ** (1.0 / max(1.0, self.share_half_life * n))
         cost_of = self.cost.cost
         bs = self.block_size
         states = self._state
