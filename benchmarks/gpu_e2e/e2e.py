@@ -221,19 +221,24 @@ def variant(part: dict[str, Any]) -> str:
 
 
 def _long_rows(parts: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Every TinyServe long-context row beside the stock row of the same context and batch."""
-    stock = {(r["context"], r["batch"]): r for p in parts if p["workload"] == "long" and variant(p) == "stock"
-             for r in p["rows"]}
+    """Every TinyServe long-context row beside the stock row of the same context and batch, from the same
+    commit's run when there is one."""
+    stock: dict[tuple, dict[str, Any]] = {}
+    for p in parts:
+        if p["workload"] == "long" and variant(p) == "stock":
+            for r in p["rows"]:
+                stock[(p.get("commit"), r["context"], r["batch"])] = r
+                stock.setdefault((None, r["context"], r["batch"]), r)
     rows = []
     for p in parts:
         if p["workload"] != "long" or variant(p) == "stock":
             continue
         for t in p["rows"]:
-            s = stock.get((t["context"], t["batch"]))
+            s = stock.get((p.get("commit"), t["context"], t["batch"])) or stock.get((None, t["context"], t["batch"]))
             if s is None:
                 continue
             rows.append(dict(
-                variant=variant(p), context=t["context"], batch=t["batch"], budget_tokens=p["settings"].get(
+                variant=variant(p), commit=p.get("commit"), context=t["context"], batch=t["batch"], budget_tokens=p["settings"].get(
                     "selection", {}).get("budget_tokens"), budget_fraction=t["budget_fraction"],
                 stock_itl_ms=s["itl_ms"], tinyserve_itl_ms=t["itl_ms"],
                 stock_tokens_per_s=s["decode_tokens_per_s"], tinyserve_tokens_per_s=t["decode_tokens_per_s"],
