@@ -210,18 +210,14 @@ class BestFitBlockPool(BlockPool):
                 found = True
             else:
                 found = False
-            if found:
+            if found:  # `_claim`, inlined: this is the hottest path of the pool
                 block = self.blocks[block_id]
                 self._free_mask[block_id] = 0
                 self._num_free -= 1
                 if block.block_hash is not None:
                     if self._in_lru[block_id]:
                         self._uncache_free(block)
-                    hashes = self._remove_cached_block_hashes(block)
-                    if hashes:
-                        self._emit_block_removed_events(hashes)
-                        self.counters["evictions_total"] += 1
-                    self._hits[block_id] = 0
+                    self._maybe_evict_cached_block(block)
                 placement.tail = block_id  # type: ignore[union-attr]
                 placement.held += 1  # type: ignore[union-attr]
                 block.ref_cnt = 1
