@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from collections.abc import Hashable, Iterable, Sequence
+from collections.abc import Hashable, Iterable, Iterator, Sequence
 
 __all__ = ["KVBlockIndex"]
 
@@ -192,21 +192,13 @@ class KVBlockIndex:
         with self._lock:
             for replica, table in self._approx.items():
                 bit, blocks = self._slot[replica], self._blocks[replica]
-                while table:
-                    h, expiry = next(iter(table.items()))
-                    if expiry > now:
-                        break
-                    table.popitem(last=False)
+                for h in _pop_expired(table, now):
                     blocks.discard(h)
                     self._drop_holder_locked(h, bit)
                     dropped += 1
             for replica, prov in self._provisional.items():
                 bit, blocks = self._slot[replica], self._blocks[replica]
-                while prov:
-                    h, expiry = next(iter(prov.items()))
-                    if expiry > now:
-                        break
-                    prov.popitem(last=False)
+                for h in _pop_expired(prov, now):
                     if h not in blocks:
                         self._drop_holder_locked(h, bit)
                     dropped += 1
@@ -285,3 +277,13 @@ class KVBlockIndex:
         self._dups[replica] = {}
         if replica in self._approx:
             self._approx[replica] = OrderedDict()
+
+
+def _pop_expired(table: OrderedDict[BlockHash, float], now: float) -> Iterator[BlockHash]:
+    """Pop and yield the keys of `table` (ordered by expiry, oldest first) whose expiry is not after `now`."""
+    while table:
+        key, expiry = next(iter(table.items()))
+        if expiry > now:
+            return
+        table.popitem(last=False)
+        yield key
