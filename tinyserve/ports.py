@@ -1,4 +1,5 @@
-"""Free loopback ports: for the KV-event sockets a replica binds, and for benchmarks and tests."""
+"""Free ports (loopback unless a host is given): for the KV-event sockets a replica binds, and for benchmarks
+and tests."""
 
 from __future__ import annotations
 

@@ -253,8 +253,8 @@ def _point(bench, b: int, ctx: int, budgets: list[float], copy_gbs: float, rows:
                 ms_sel = bench(_graphed(lambda: ops.select_pages(scores, sl, bs, budget)))
                 record("stage_select_pages_bs64_1/16", ms_sel, scores.numel() * 4)
                 cnt = ops._counters(b * HKV, q.device)
-                ms_sel = bench(_graphed(lambda: ops._score_select_last(q, kmin, kmax, btb, sl, bs, budget, 1, cnt)))
-                record("stage_score_select_last_bs64_1/16", ms_sel, meta_bytes)
+                ms_last = bench(_graphed(lambda: ops._score_select_last(q, kmin, kmax, btb, sl, bs, budget, 1, cnt)))
+                record("stage_score_select_last_bs64_1/16", ms_last, meta_bytes)
                 ms_att = bench(_graphed(lambda: ops.sparse_paged_decode_attention(
                     q, kcb, vcb, btb, sl, sel, scale, num_selected=nsel)))
                 record("stage_attention_bs64_1/16", ms_att, nbytes - meta_bytes)
