@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["main", "replay", "op_cost", "offload_copy"]
+__all__ = ["main", "replay", "op_cost", "offload_copy", "RUN_CAUSES"]
 
 RESULTS = Path("benchmarks/results")
 
@@ -113,6 +113,125 @@ def _count_forced_breaks(manager: Any) -> dict[str, int]:
     return forced
 
 
+RUN_CAUSES = (
+    "split_among_empty_blocks",
+    "split_empty_then_cached",
+    "split_evicting_cached",
+    "split_no_free_run_holds_it",
+    "next_held_before_tail",
+    "next_taken_by_placement",
+    "next_taken_by_growth",
+    "next_taken_by_hit",
+    "next_free_empty_passed_over",
+    "next_cached_forced_by_free_order",
+    "next_cached_kept",
+    "pool_end",
+)
+
+
+def _count_run_causes(manager: Any) -> dict[str, int]:
+    """Why each new run of a request's own blocks starts (summed over finished requests; a preempted
+    request's counts go with its blocks). Sum over causes = own runs - finished requests. Causes:
+    - split_*: one allocation handed out blocks in more than one run: no run of free blocks (cached or
+      not) held it (no_free_run_holds_it), else the free blocks without a hash could hold it all
+      (among_empty_blocks), could not (empty_then_cached: vLLM's order hands out every one of them before
+      evicting), or none was free (evicting_cached: the run that held it was young or prefix-hit);
+    - the first block of a growth allocation is not the block right after the request's last one, and
+      that next block was: already held when the request's last block was allocated
+      (next_held_before_tail: placed with no room to grow), allocated since by another request's new
+      placement / growth / prefix hit (next_taken_by_*), free without a hash but handed out elsewhere
+      (next_free_empty_passed_over), free and cached while a block without a hash was free, which vLLM's
+      order hands out first (next_cached_forced_by_free_order), free and cached with none such left
+      (next_cached_kept: the pool's eviction rules kept it), or past the pool's end (pool_end).
+    Placement-independent bookkeeping (wrappers around the manager and the pool, O(num_blocks) per
+    allocation for the free-order check): for the replay only, never on the pool's own paths."""
+    from tinyserve.engine.fragmentation import free_run_lengths, pool_free_mask
+
+    pool = manager.block_pool
+    tables = manager.coordinator.single_type_managers[0].req_to_blocks
+    stamp = [0] * pool.num_gpu_blocks  # allocation serial of the block's latest holder
+    taker = [""] * pool.num_gpu_blocks  # kind of allocation that took the block
+    clock = [0]
+    own: dict[str, int] = {}
+    pending: dict[str, dict[str, int]] = {}
+    totals = dict.fromkeys(RUN_CAUSES, 0)
+    current: list[Any] = [None]
+    allocate_slots, get_new_blocks, touch, free = manager.allocate_slots, pool.get_new_blocks, pool.touch, manager.free
+
+    def tracking_allocate(request: Any, *args: Any, **kwargs: Any) -> Any:
+        current[0] = request
+        try:
+            return allocate_slots(request, *args, **kwargs)
+        finally:
+            current[0] = None
+
+    def cause_of_next(tail: int) -> str:
+        nxt = tail + 1
+        if nxt >= pool.num_gpu_blocks:
+            return "pool_end"
+        block = pool.blocks[nxt]
+        if block.ref_cnt > 0:
+            if stamp[nxt] < stamp[tail]:
+                return "next_held_before_tail"
+            return f"next_taken_by_{taker[nxt]}"
+        if block.block_hash is None:
+            return "next_free_empty_passed_over"
+        if any(b.ref_cnt == 0 and b.block_hash is None for b in pool.blocks[1:]):
+            return "next_cached_forced_by_free_order"
+        return "next_cached_kept"
+
+    def counting_get_new_blocks(num_blocks: int) -> list:
+        request = current[0]
+        rid = request.request_id if request is not None else None
+        growing = rid is not None and own.get(rid, 0) > 0
+        cause = cause_of_next(tables[rid][-1].block_id) if growing else None
+        empty = fits = 0
+        if num_blocks > 1:
+            empty = sum(b.ref_cnt == 0 and b.block_hash is None for b in pool.blocks[1:])
+            fits = int(free_run_lengths(pool_free_mask(pool)).max(initial=0)) >= num_blocks
+        blocks = get_new_blocks(num_blocks)
+        clock[0] += 1
+        for block in blocks:
+            stamp[block.block_id] = clock[0]
+            taker[block.block_id] = "growth" if growing else "placement"
+        if rid is None:
+            return blocks
+        counts = pending.setdefault(rid, dict.fromkeys(RUN_CAUSES, 0))
+        if growing and blocks[0].block_id != tables[rid][-1].block_id + 1:
+            counts[cause] += 1  # type: ignore[index]
+        splits = sum(b.block_id != a.block_id + 1 for a, b in zip(blocks, blocks[1:]))
+        if splits:
+            if not fits:
+                phase = "no_free_run_holds_it"
+            else:
+                phase = "among_empty_blocks" if empty >= num_blocks else "empty_then_cached" if empty else "evicting_cached"
+            counts[f"split_{phase}"] += splits
+        own[rid] = own.get(rid, 0) + len(blocks)
+        return blocks
+
+    def tracking_touch(blocks: Any) -> None:
+        clock[0] += 1
+        for block in blocks:
+            if block.ref_cnt == 0 and not block.is_null:
+                stamp[block.block_id] = clock[0]
+                taker[block.block_id] = "hit"
+        touch(blocks)
+
+    def tracking_free(request: Any) -> Any:
+        own.pop(request.request_id, None)
+        counts = pending.pop(request.request_id, None)
+        if counts is not None and request.is_finished():
+            for key, value in counts.items():
+                totals[key] += value
+        return free(request)
+
+    manager.allocate_slots = tracking_allocate
+    pool.get_new_blocks = counting_get_new_blocks
+    pool.touch = tracking_touch
+    manager.free = tracking_free
+    return totals
+
+
 def replay(trace: list, *, ours: bool, num_blocks: int, block_size: int, sample_every: int) -> dict[str, Any]:
     """Replay `trace` through a real KVCacheManager over one pool; summary and time series."""
     from tinyserve.bench.kv_trace import KVDriver, make_kv_manager
@@ -123,6 +242,7 @@ def replay(trace: list, *, ours: bool, num_blocks: int, block_size: int, sample_
     pool = manager.block_pool
     stock_evictions = None if ours else _count_stock_evictions(pool)
     forced = _count_forced_breaks(manager)
+    causes = _count_run_causes(manager)
     finished_runs: list[int] = []
     finished_own_runs: list[int] = []
     finished_blocks: list[int] = []
@@ -169,6 +289,8 @@ def replay(trace: list, *, ours: bool, num_blocks: int, block_size: int, sample_
         "own_runs_per_request_p99": float(np.percentile(finished_own_runs, 99)),
         # a lower bound on own runs: 1 + forced breaks (see _count_forced_breaks)
         "forced_breaks_per_request": sum(forced.values()) / max(driver.finished, 1),
+        # why each own run after the first starts, per finished request (see _count_run_causes)
+        "run_causes_per_request": {key: value / max(driver.finished, 1) for key, value in causes.items()},
         "blocks_per_request_mean": float(np.mean(finished_blocks)),
         "free_runs_mean": mean("free_runs"),
         "largest_free_run_mean": mean("largest_free_run"),
@@ -433,6 +555,11 @@ def main(argv: list[str] | None = None) -> int:
                 "preemptions", "steps"):
         rows.append((key, *(f"{loads[l][n]['summary'][key]:.4g}" for l in loads for n in loads[l])))
     print(_table(rows))
+    print()
+    cause_rows = [("own run starts per request, by cause", *(f"{load}:{name}" for load in loads for name in loads[load]))]
+    for key in RUN_CAUSES:
+        cause_rows.append((key, *(f"{loads[l][n]['summary']['run_causes_per_request'][key]:.3g}" for l in loads for n in loads[l])))
+    print(_table(cause_rows))
     print()
     cost_rows = [("blocks", "vllm µs/alloc", "tinyserve µs/alloc", "ratio", "vllm µs/free", "tinyserve µs/free", "ratio")]
     for stock, ours_cost in zip(costs["vllm"], costs["tinyserve"]):

@@ -16,7 +16,8 @@ blocks only when none is left:
 4. else it takes other requests' reservations (reserved blocks are free: they never refuse an allocation);
 5. else (no free block without a hash is left) it evicts cached blocks, contiguously where LRU age
    allows (`_evict_contiguous`): the request's growth room (old, never-hit cached blocks right after its
-   last block, held out of the LRU for it), else old never-hit blocks right after its last block, else a
+   last block, held out of the LRU for it), else old never-hit blocks right after its last block, else the
+   best-fitting run of old never-hit cached blocks for its expected size (`_cold`), else a
    region opened at the LRU head — extended down over old never-hit blocks so that a region of the
    request's expected size ends at the head — whose remainder becomes the request's room. "Old" means
    among the `eviction_age_fraction` least recently used free cached blocks; blocks that were hit (a
@@ -102,6 +103,7 @@ class BestFitBlockPool(BlockPool):
     vLLM's sense: ref_cnt == 0, null block excluded; `_free_mask[i]` is 1 iff block i is free):
     - `_lru`: every free block that carries a hash (still findable by prefix lookup) and is in no room,
       least recently used first; `_in_lru[i]` is 1 iff block i is there;
+    - `_cold`: the blocks of `_lru` that were never hit, as runs (where an eviction can stay contiguous);
     - `_reserved_mask` / `_reservations`: free blocks without a hash held for one request's growth,
       right after it;
     - `_runs`: every free, unreserved block without a hash (*placeable*);
@@ -119,6 +121,7 @@ class BestFitBlockPool(BlockPool):
             block.prev_free_block = block.next_free_block = None
         self._lru = FreeKVCacheBlockQueue([])
         self._in_lru = bytearray(num_gpu_blocks)
+        self._cold = FreeRuns(num_gpu_blocks)
         self._runs = FreeRuns(num_gpu_blocks)
         self._runs.add_range(1, num_gpu_blocks)
         self._free_mask = bytearray(b"\x01") * num_gpu_blocks
@@ -269,10 +272,8 @@ class BestFitBlockPool(BlockPool):
             block = self.blocks[block_id]
             free_cached = self._free_mask[block_id] and block.block_hash is not None
             if self._room_mask[block_id]:
-                self._cut_room(block_id)
-                self._in_lru[block_id] = 1
-                self._lru.append(block)
-            if free_cached:
+                self._cut_room(block_id)  # leaves the block out of the LRU
+            elif free_cached:
                 self._uncache_free(block)
             if self._maybe_evict_cached_block(block) and free_cached:
                 self._make_placeable(block_id)
@@ -313,6 +314,8 @@ class BestFitBlockPool(BlockPool):
     def _uncache_free(self, block: KVCacheBlock) -> None:
         self._lru.remove(block)
         self._in_lru[block.block_id] = 0
+        if self._cold.contains(block.block_id):
+            self._cold.remove(block.block_id)
 
     def _make_placeable(self, block_id: int) -> None:
         if not self._reserved_mask[block_id] and not self._runs.contains(block_id):
@@ -342,15 +345,21 @@ class BestFitBlockPool(BlockPool):
         if cached:
             in_lru = self._in_lru
             serial = self._serial
+            hits = self._hits
             clock = self._lru_clock
+            cold: list[int] = []
             for block in cached:
                 block_id = block.block_id
                 free_mask[block_id] = 1
                 in_lru[block_id] = 1
                 serial[block_id] = clock
                 clock += 1
+                if not hits[block_id]:
+                    cold.append(block_id)
             self._lru_clock = clock
             self._lru.append_n(cached)
+            if cold:
+                self._cold.add_many(cold)
 
     def _claim(self, block_id: int) -> None:
         """Mark a free block allocated; it must already be out of `_runs`, unreserved and out of any
@@ -594,7 +603,8 @@ class BestFitBlockPool(BlockPool):
 
         A block is taken out of LRU order only if it is old (`_age_limit`) and was never hit (shared
         prefixes and preempted requests' blocks are left to plain LRU order). In order: the request's own
-        room; old blocks right after `last`; regions opened at the LRU head, extended down over old blocks
+        room; old blocks right after `last`; the smallest run of never-hit cached blocks that holds the
+        expected size (else what is needed now) and starts with an old block; regions opened at the LRU head, extended down over old blocks
         so that a region of the expected size ends at the head (its blocks freed together with the head,
         if the request that freed them was contiguous); plain LRU (`_pick_eviction`) when the head was
         hit. When the LRU holds no block (every free block lies in a room), the rooms go back to the LRU.
@@ -622,6 +632,23 @@ class BestFitBlockPool(BlockPool):
             out.append(block_id)
             block_id += 1
             need -= 1
+        cold = self._cold
+
+        def is_old(start: int) -> bool:
+            return serial[start] < limit
+
+        while need:
+            start = cold.best_fit(size - len(out), is_old)
+            if start is None:
+                start = cold.best_fit(need, is_old)
+            if start is None:
+                break
+            block_id = start
+            while need and block_id <= last_id and cold.contains(block_id) and serial[block_id] < limit:
+                self._claim(block_id)
+                out.append(block_id)
+                block_id += 1
+                need -= 1
         queue = self._lru
         while need:
             head = queue.fake_free_list_head.next_free_block
@@ -663,6 +690,7 @@ class BestFitBlockPool(BlockPool):
             in_lru[end] = 0
             end += 1
         if end > start:
+            self._cold.remove_range(start, end)
             self._drop_room(rid)
             self._rooms[rid] = [start, end]
             self._room_owner_at[end] = rid
@@ -690,6 +718,7 @@ class BestFitBlockPool(BlockPool):
             self._room_mask[start:end] = bytes(end - start)
             self._in_lru[start:end] = b"\x01" * (end - start)
             self._lru.prepend_n(self.blocks[start:end])
+            self._cold.add_run(start, end)  # room blocks were never hit (a hit cuts the room)
 
     def _cut_room(self, block_id: int) -> None:
         """A room block leaves (prefix hit, compaction): the owner keeps the part before it, the part
@@ -807,6 +836,7 @@ class BestFitBlockPool(BlockPool):
         assert not roomed & reserved
         lru = {b.block_id for b in self._lru_blocks()}
         assert len(lru) == self._lru.num_free_blocks and not lru & roomed
+        assert {i for i in lru if not self._hits[i]} == {s for s, e in self._cold.runs() for s in range(s, e)}
         cached = lru | roomed
         for block in self.blocks:
             i = block.block_id

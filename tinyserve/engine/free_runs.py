@@ -9,6 +9,8 @@ neighbours in O(1); taking blocks from the start of a run is O(1) plus one byte 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 __all__ = ["FreeRuns", "size_class"]
 
 _EXACT_CLASSES = 64
@@ -16,6 +18,8 @@ _SUB_BITS = 3
 # How many members of the one size class that mixes fitting and non-fitting runs are examined before
 # moving to the next class (where every run fits). Bounds best-fit work; makes it "good fit" there.
 _CLASS_SCAN_LIMIT = 16
+# How many runs in all `best_fit` examines when a predicate turns candidates down.
+_FIT_SCAN_LIMIT = 64
 
 
 def size_class(length: int) -> int:
@@ -59,34 +63,33 @@ class FreeRuns:
             return self._end[start]
         return None
 
-    def best_fit(self, num: int) -> int | None:
-        """Start of a run of at least `num` blocks, the smallest such run (exact below 64 blocks)."""
+    def best_fit(self, num: int, accept: Callable[[int], bool] | None = None) -> int | None:
+        """Start of a run of at least `num` blocks, the smallest such run (exact below 64 blocks); with
+        `accept`, the smallest whose start it accepts among a bounded number of runs examined."""
         cls = size_class(num)
         if cls >= len(self._classes):
             return None
         rest = self._mask >> cls
-        if not rest:
-            return None
-        cls += (rest & -rest).bit_length() - 1
-        members = self._classes[cls]
-        if cls < _EXACT_CLASSES:
-            return next(iter(members))
-        best, best_len = None, 0
-        for seen, start in enumerate(members):
-            length = self._end[start] - start
-            if length >= num and (best is None or length < best_len):
-                best, best_len = start, length
-                if length == num:
+        examined = 0
+        while rest:
+            cls += (rest & -rest).bit_length() - 1
+            best, best_len = None, 0
+            for seen, start in enumerate(self._classes[cls], 1):
+                length = self._end[start] - start
+                if length >= num and (best is None or length < best_len) and (accept is None or accept(start)):
+                    best, best_len = start, length
+                    if length == num or cls < _EXACT_CLASSES:
+                        break
+                if seen == _CLASS_SCAN_LIMIT:
                     break
-            if seen >= _CLASS_SCAN_LIMIT:
-                break
-        if best is not None:
-            return best
-        rest = self._mask >> (cls + 1)
-        if not rest:
-            return None
-        cls += (rest & -rest).bit_length()
-        return next(iter(self._classes[cls]))
+            examined += seen
+            if best is not None:
+                return best
+            if examined >= _FIT_SCAN_LIMIT:
+                return None
+            cls += 1
+            rest = self._mask >> cls
+        return None
 
     def largest(self) -> tuple[int, int] | None:
         """(start, length) of a longest run, or None when empty."""
