@@ -152,7 +152,6 @@ class BestFitBlockPool(BlockPool):
         # request id -> [next, end): blocks reserved right after the request's last block
         self._reservations: dict[str, list[int]] = {}
         # Who is allocating now (set by the KVCacheManager wrappers), and per-request placement state.
-        self._request: Any = None
         self._current: _Placement | None = None
         self._placements: dict[str, _Placement] = {}
         self._kv_manager: Any = None
@@ -171,33 +170,41 @@ class BestFitBlockPool(BlockPool):
         return self._num_free
 
     def get_new_blocks(self, num_blocks: int) -> list[KVCacheBlock]:
-        if num_blocks > self._num_free:
-            raise ValueError(f"Cannot get {num_blocks} free blocks from the pool")
-        request = self._request
-        if num_blocks == 1 and request is not None and not self.metrics_collector:
-            # Fast path of decode growth: the next block of the request's own reservation, or of its
-            # own room once no free block without a hash is left (the same steps as `_take`, inlined).
-            rid = request.request_id
-            placement = self._current
-            block_id = placement.tail + 1  # type: ignore[union-attr]
-            span = placement.span  # type: ignore[union-attr]
-            if span is not None:
-                found = span[0] == block_id
-                if found:
-                    self._reserved_mask[block_id] = 0
-                    if block_id + 1 == span[1]:
-                        self._end_reservation(rid)
-                        del self._owner_at[block_id + 1]
-                    else:
-                        span[0] = block_id + 1
-            elif not self._runs.num_free and not self._reservations:
+        placement = self._current
+        if num_blocks == 1 and placement is not None and not self.metrics_collector:
+            # Fast paths of decode growth (the steps of `_take`, inlined: the hottest path of the pool).
+            block_id = placement.tail + 1
+            span = placement.span
+            if span is not None and span[0] == block_id:
+                # The next block of the request's own reservation (a free block: the count allows it).
+                # Reserved blocks carry no hash and are in no other structure.
+                self._reserved_mask[block_id] = 0
+                if block_id + 1 == span[1]:
+                    self._end_reservation(placement.request.request_id)
+                    del self._owner_at[block_id + 1]
+                else:
+                    span[0] = block_id + 1
+                self._free_mask[block_id] = 0
+                self._num_free -= 1
+                placement.tail = block_id
+                placement.held += 1
+                block = self.blocks[block_id]
+                block.ref_cnt = 1
+                return [block]
+            if not self._num_free:
+                raise ValueError("Cannot get 1 free blocks from the pool")
+            if span is not None or self._runs.num_free:
+                found = False
+            elif not self._reservations:
+                # Once no free block without a hash is left: the next block of the request's own room.
+                rid = placement.request.request_id
                 room = self._rooms.get(rid)
                 found = room is not None and room[0] == block_id and (
                     self._in_lru[block_id] == 0 or self._serial[block_id] < self._age_limit()
                 )
                 if found:
                     self._consume_room(rid, room, 1)  # type: ignore[arg-type]
-            elif not self._runs.num_free:
+            else:
                 # Only reserved empty blocks are left and they go before any cached block: the far end
                 # of the newest reservation (its owner keeps the blocks next to its last one).
                 owner = next(reversed(self._reservations))
@@ -211,20 +218,20 @@ class BestFitBlockPool(BlockPool):
                     span[1] = block_id
                     self._owner_at[block_id] = owner
                 found = True
-            else:
-                found = False
-            if found:  # `_claim`, inlined: this is the hottest path of the pool
+            if found:
                 block = self.blocks[block_id]
                 self._free_mask[block_id] = 0
                 self._num_free -= 1
-                if block.block_hash is not None:
+                if block._block_hash is not None:
                     if self._in_lru[block_id]:
                         self._uncache_free(block)
                     self._maybe_evict_cached_block(block)
-                placement.tail = block_id  # type: ignore[union-attr]
-                placement.held += 1  # type: ignore[union-attr]
+                placement.tail = block_id
+                placement.held += 1
                 block.ref_cnt = 1
                 return [block]
+        if num_blocks > self._num_free:
+            raise ValueError(f"Cannot get {num_blocks} free blocks from the pool")
         blocks = self.blocks
         metrics = self.metrics_collector
         ret = [blocks[i] for i in self._take(num_blocks)]
@@ -236,7 +243,6 @@ class BestFitBlockPool(BlockPool):
         return ret
 
     def touch(self, blocks: Sequence[KVCacheBlock]) -> None:
-        request = self._request
         hits = self._hits
         for block in blocks:
             if block.ref_cnt == 0 and not block.is_null:
@@ -259,7 +265,7 @@ class BestFitBlockPool(BlockPool):
         for block in ordered_blocks:
             block.ref_cnt -= 1
             if block.ref_cnt == 0 and not block.is_null:
-                if block.block_hash is None:
+                if block._block_hash is None:
                     empty_ids.append(block.block_id)
                 else:
                     cached.append(block)
@@ -356,10 +362,10 @@ class BestFitBlockPool(BlockPool):
                 clock += 1
                 if not hits[block_id]:
                     cold.append(block_id)
-            self._lru_clock = clock
-            self._lru.append_n(cached)
             if cold:
                 self._cold.add_many(cold)
+            self._lru_clock = clock
+            self._lru.append_n(cached)
 
     def _claim(self, block_id: int) -> None:
         """Mark a free block allocated; it must already be out of `_runs`, unreserved and out of any
@@ -474,9 +480,9 @@ class BestFitBlockPool(BlockPool):
     def _expected_more(self, held: int, num: int, request: Any = None) -> int:
         """Blocks worth reserving beyond `num` for the growth of `request` (default: the current one)."""
         if request is None:
-            request = self._request
-        if request is None:
-            return 0
+            if self._current is None:
+                return 0
+            request = self._current.request
         block_size = self.hash_block_size
         max_tokens = getattr(request, "max_tokens", None) or 0
         most = max(0, -(-(request.num_prompt_tokens + max_tokens) // block_size) - held - num)
@@ -497,7 +503,7 @@ class BestFitBlockPool(BlockPool):
         """Choose and claim `num` free block ids for the current request (see the module docstring)."""
         out: list[int] = []
         placement = self._current
-        rid = self._request.request_id if placement is not None else None
+        rid = placement.request.request_id if placement is not None else None
         tail = placement.tail if placement is not None else -2
         held = placement.held if placement is not None else 0
         runs = self._runs
@@ -764,11 +770,9 @@ class BestFitBlockPool(BlockPool):
         placement = self._placements.get(request.request_id)
         if placement is None:
             placement = self._placements[request.request_id] = _Placement(request)
-        self._request = request
         self._current = placement
 
     def end_request(self) -> None:
-        self._request = None
         self._current = None
 
     @property

@@ -152,6 +152,9 @@ class FreeRuns:
     def add_many(self, block_ids: list[int]) -> None:
         """Add distinct non-members (any order; sorted in place), one merge per consecutive stretch."""
         block_ids.sort()
+        if block_ids[-1] - block_ids[0] + 1 == len(block_ids):  # distinct ids: one stretch
+            self.add_run(block_ids[0], block_ids[-1] + 1)
+            return
         start = previous = block_ids[0]
         for block_id in block_ids:
             if block_id > previous + 1:
