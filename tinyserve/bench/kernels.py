@@ -25,8 +25,14 @@ from pathlib import Path
 
 HQ, HKV, D = 32, 8, 128
 VARIANTS = ("mma2", "mma3", "mma2x2", "simt")   # attention kernels timed beside the default (TINYSERVE_ATTN)
-SPARSE_VARIANTS = (("simt", "two_pass"), ("mma2", "two_pass"), ("mma2x2", "two_pass"), ("mma2x2", "fused"),
-                   ("mma2", "last"), ("mma3", "last"))   # (TINYSERVE_ATTN, TINYSERVE_SELECT) at bs64, 1/16
+# other sparse pipelines timed at the target point (1/16 with 64- and 128-token pages): name -> environment
+SPARSE_VARIANTS = {
+    "mma2x2_last": {"TINYSERVE_ATTN": "mma2x2", "TINYSERVE_SELECT": "last"},
+    "mma2x2_fused": {"TINYSERVE_ATTN": "mma2x2", "TINYSERVE_SELECT": "fused"},
+    "mma2_two_pass": {"TINYSERVE_ATTN": "mma2", "TINYSERVE_SELECT": "two_pass"},
+    "simt_two_pass": {"TINYSERVE_ATTN": "simt", "TINYSERVE_SELECT": "two_pass"},
+}
+SPARSE_PAGES = (16, 64, 128)   # page (block) sizes of the sparse rows
 
 
 class _env:
@@ -149,18 +155,22 @@ def _point(bench, b: int, ctx: int, budgets: list[float], copy_gbs: float, rows:
     kc = torch.randn(nb, 16, HKV, D, device="cuda", dtype=dt)
     vc = torch.randn(nb, 16, HKV, D, device="cuda", dtype=dt)
     q = torch.randn(b, HQ, D, device="cuda", dtype=dt)
-    p64 = ctx // 64
-    bt64 = torch.randperm(nb // 4, device="cuda").view(b, p64).int()
+    # one logical sequence seen through 128-, 64- and 16-token blocks of the same memory
+    p128, p64 = ctx // 128, ctx // 64
+    bt128 = torch.randperm(nb // 8, device="cuda").view(b, p128).int()
+    bt64 = (2 * bt128.repeat_interleave(2, dim=1) + torch.arange(2, device="cuda").repeat(p128)).int()
     bt16 = (4 * bt64.repeat_interleave(4, dim=1) + torch.arange(4, device="cuda").repeat(p64)).int()
     sl = torch.full((b,), ctx, dtype=torch.int32, device="cuda")
     # plant one needle per (sequence, KV head): a key 3x the norm of a random key along the group's query
     qsum = q.float().view(b, HKV, HQ // HKV, D).sum(2)
     needle = (3 * math.sqrt(D) * qsum / qsum.norm(dim=-1, keepdim=True)).to(dt)
-    pos = torch.randint(64 * 2, ctx - 64, (b, HKV), device="cuda")
+    pos = torch.randint(128 * 2, ctx - 128, (b, HKV), device="cuda")   # never in a forced page
     blk = torch.gather(bt16.long(), 1, pos // 16)
     kc[blk, pos % 16, torch.arange(HKV, device="cuda").expand(b, HKV)] = needle
     kc64, vc64 = kc.view(nb // 4, 64, HKV, D), vc.view(nb // 4, 64, HKV, D)
-    meta = {16: (kc.amin(1), kc.amax(1), kc, vc, bt16), 64: (kc64.amin(1), kc64.amax(1), kc64, vc64, bt64)}
+    kc128, vc128 = kc.view(nb // 8, 128, HKV, D), vc.view(nb // 8, 128, HKV, D)
+    meta = {16: (kc.amin(1), kc.amax(1), kc, vc, bt16), 64: (kc64.amin(1), kc64.amax(1), kc64, vc64, bt64),
+            128: (kc128.amin(1), kc128.amax(1), kc128, vc128, bt128)}
     base = {"B": b, "context": ctx}
 
     def record(name, ms, nbytes, **extra):
@@ -221,7 +231,7 @@ def _point(bench, b: int, ctx: int, budgets: list[float], copy_gbs: float, rows:
         if r["B"] == b and r["context"] == ctx:
             r["speedup_vs_sdpa"] = sdpa_ms / r["ms"]
 
-    for bs in (16, 64):
+    for bs in SPARSE_PAGES:
         kmin, kmax, kcb, vcb, btb = meta[bs]
         npages = ctx // bs
         meta_bytes = b * HKV * npages * 2 * D * 2
@@ -239,26 +249,26 @@ def _point(bench, b: int, ctx: int, budgets: list[float], copy_gbs: float, rows:
             record(f"sparse_bs{bs}_1/{round(1 / frac)}", ms, nbytes, speedup_vs_sdpa=sdpa_ms / ms,
                    eager_ms=bench(sparse),
                    err_vs_dense=_rel(out, dense16), needle_recall=float(hit), budget_tokens=budget)
-            if bs == 64 and round(1 / frac) == 16:   # earlier pipelines at the target point, same inputs
-                for attn, select in SPARSE_VARIANTS:
-                    with _env(TINYSERVE_ATTN=attn, TINYSERVE_SELECT=select):
+            if bs >= 64 and round(1 / frac) == 16:   # other pipelines at the target point, same inputs
+                for vname, env in SPARSE_VARIANTS.items():
+                    with _env(**env):
                         o2, _, _ = sparse()
                         ms2 = bench(_graphed(sparse))
-                    record(f"sparse_bs64_1/16_{attn}_{select}", ms2, nbytes, speedup_vs_sdpa=sdpa_ms / ms2,
+                    record(f"sparse_bs{bs}_1/16_{vname}", ms2, nbytes, speedup_vs_sdpa=sdpa_ms / ms2,
                            err_vs_default=_rel(o2, out))
                 # the pipeline's stages timed alone
                 ms_sc = bench(_graphed(lambda: ops.page_scores(q, kmin, kmax, btb, sl, bs)))
-                record("stage_page_scores_bs64", ms_sc, meta_bytes)
+                record(f"stage_page_scores_bs{bs}", ms_sc, meta_bytes)
                 scores = ops.page_scores(q, kmin, kmax, btb, sl, bs)
                 ms_sel = bench(_graphed(lambda: ops.select_pages(scores, sl, bs, budget)))
-                record("stage_select_pages_bs64_1/16", ms_sel, scores.numel() * 4)
+                record(f"stage_select_pages_bs{bs}_1/16", ms_sel, scores.numel() * 4)
                 cnt = ops._counters(b * HKV, q.device)
                 ms_last = bench(_graphed(lambda: ops._score_select_last(q, kmin, kmax, btb, sl, bs, budget, 1, cnt)))
-                record("stage_score_select_last_bs64_1/16", ms_last, meta_bytes)
+                record(f"stage_score_select_last_bs{bs}_1/16", ms_last, meta_bytes)
                 ms_att = bench(_graphed(lambda: ops.sparse_paged_decode_attention(
                     q, kcb, vcb, btb, sl, sel, scale, num_selected=nsel)))
-                record("stage_attention_bs64_1/16", ms_att, nbytes - meta_bytes)
-    del kc, vc, meta, kc64, vc64
+                record(f"stage_attention_bs{bs}_1/16", ms_att, nbytes - meta_bytes)
+    del kc, vc, meta, kc64, vc64, kc128, vc128
     _GRAPHS.clear()
     torch.cuda.empty_cache()
 
@@ -346,7 +356,7 @@ def _plot(rows: list, card: str, copy_gbs: float, path: str) -> str | None:
     except Exception:  # noqa: BLE001
         return None
     points = sorted({(r["B"], r["context"]) for r in rows if "B" in r})
-    names = ["dense_paged_bs16", "sparse_bs16_1/16", "sparse_bs64_1/16", "sparse_bs64_1/32"]
+    names = ["dense_paged_bs16", "sparse_bs16_1/16", "sparse_bs64_1/16", "sparse_bs128_1/16", "sparse_bs64_1/32"]
     fig, ax = plt.subplots(figsize=(10, 4.5))
     width = 0.8 / len(names)
     for i, name in enumerate(names):

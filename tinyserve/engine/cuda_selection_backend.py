@@ -125,8 +125,8 @@ def _warm_kernels(dtype: torch.dtype, num_heads: int, num_kv_heads: int, head_di
     sl = torch.tensor([pages * block_size, block_size + 1], dtype=torch.int32, device=device)
     key = torch.randn(3, num_kv_heads, head_dim, dtype=dtype, device=device)
     ops.update_page_metadata(kmin, kmax, key, torch.tensor([0, 1, block_size], device=device), block_size)
-    scores = ops.page_scores(q, kmin, kmax, bt, sl, block_size)
-    sel, nsel = ops.select_pages(scores, sl, block_size, 2 * block_size, 1)
+    for mode in ("last", "fused", "two_pass"):   # every selection launch the decode may pick
+        sel, nsel = ops.score_and_select_pages(q, kmin, kmax, bt, sl, block_size, 2 * block_size, 1, mode=mode)
     k, v = cache[:, 0], cache[:, 1]
     ops.sparse_paged_decode_attention(q, k, v, bt * 2, sl, sel, 0.1, num_selected=nsel)
     ops.paged_decode_attention(q, k, v, bt * 2, sl, 0.1)
@@ -285,8 +285,8 @@ def decode_on_split_layout(query: torch.Tensor, key_cache: torch.Tensor, value_c
     from tinyserve.kernels import ops
 
     bs = key_cache.shape[1]
-    scores = ops.page_scores(query, key_min, key_max, block_table, seq_lens, bs)
-    selected, num_selected = ops.select_pages(scores, seq_lens, bs, budget_tokens, num_sink_pages)
+    selected, num_selected = ops.score_and_select_pages(query, key_min, key_max, block_table, seq_lens, bs,
+                                                        budget_tokens, num_sink_pages)
     ops.sparse_paged_decode_attention(query, key_cache, value_cache, doubled_block_table, seq_lens, selected,
                                       scale, out=out, num_selected=num_selected)
     return num_selected

@@ -28,6 +28,8 @@ __all__ = [
     "paged_decode_attention",
     "sparse_paged_decode_attention",
     "query_aware_decode",
+    "score_and_select_pages",
+    "selection_mode",
     "copy_blocks",
     "free_runs",
     "free_run_stats",
@@ -235,31 +237,54 @@ def query_aware_decode(query: Tensor, key_cache: Tensor, value_cache: Tensor, ke
                        key_max: Tensor, block_tables: Tensor, seq_lens: Tensor, scale: float,
                        block_size: int, budget_tokens: int, num_sink_pages: int = 1,
                        out: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
-    """Score, select and attend: (out, selected, num_selected). On the CUDA path ``TINYSERVE_SELECT``
-    picks how pages are scored and selected: ``two_pass`` (the default: a scoring launch over many CTAs,
-    then a selection launch), ``last`` (one launch: the last scoring CTA of each KV head selects) or
-    ``fused`` (one CTA per KV head scores and selects); then split-K attention whose last CTA per KV head
-    merges the splits. All three pick the same pages; benchmarks/KERNEL_NOTES.md has their timings."""
+    """Score, select (``score_and_select_pages``) and attend: (out, selected, num_selected); on CUDA the
+    split-K attention's last CTA per KV head merges the splits."""
     if not (cuda_enabled(query, key_cache, value_cache) and _attn_ok(query, key_cache)):
         r, s, n = reference.query_aware_decode(query, key_cache, value_cache, key_min, key_max, block_tables,
                                                seq_lens, scale, block_size, budget_tokens, num_sink_pages)
         return (r if out is None else out.copy_(r)), s, n
     bt, sl = _i32(block_tables), _i32(seq_lens)
-    mode = os.environ.get("TINYSERVE_SELECT", "two_pass")
-    fusable = (key_min.dtype == query.dtype and bt.shape[1] - 2 <= _FUSED_SELECT_MAX_CANDIDATES
-               and block_size & (block_size - 1) == 0)
-    counters = _counters(bt.shape[0] * key_min.shape[1], query.device) if fusable and mode == "last" else None
-    if counters is not None:
-        sel, nsel = _score_select_last(query.contiguous(), key_min, key_max, bt, sl, block_size, budget_tokens,
-                                       num_sink_pages, counters)
-    elif fusable and mode == "fused":
-        sel, nsel = _score_select(query.contiguous(), key_min, key_max, bt, sl, block_size, budget_tokens,
-                                  num_sink_pages)
-    else:
-        scores = page_scores(query, key_min, key_max, bt, sl, block_size)
-        sel, nsel = select_pages(scores, sl, block_size, budget_tokens, num_sink_pages)
+    sel, nsel = score_and_select_pages(query, key_min, key_max, bt, sl, block_size, budget_tokens, num_sink_pages)
     o = _attention(query.contiguous(), key_cache, value_cache, bt, sl, sel, nsel, scale, out)
     return o, sel, nsel
+
+
+def selection_mode(rows: int, pages: int, device: int = 0) -> str:
+    """How the CUDA path scores and selects ``pages`` pages for each of ``rows`` (sequence, KV head) pairs:
+    ``TINYSERVE_SELECT`` when set, else the fastest mode measured per regime (H100, round 4 of
+    benchmarks/KERNEL_NOTES.md): ``fused`` (one CTA per row scores and selects) for rows of at most 256
+    pages or when the rows alone fill the multiprocessors; ``last`` (scoring over many CTAs, the last CTA
+    of a row selects, one launch) while rows x pages <= 32768; else ``two_pass`` (a scoring launch, then a
+    selection launch)."""
+    if os.environ.get("TINYSERVE_SELECT"):
+        return os.environ["TINYSERVE_SELECT"]
+    if pages <= 256 or rows >= loader.num_sms(device):
+        return "fused"
+    return "last" if rows * pages <= 32768 else "two_pass"
+
+
+def score_and_select_pages(query: Tensor, key_min: Tensor, key_max: Tensor, block_tables: Tensor,
+                           seq_lens: Tensor, block_size: int, budget_tokens: int, num_sink_pages: int = 1,
+                           mode: str | None = None) -> tuple[Tensor, Tensor]:
+    """``select_pages(page_scores(...))`` in the launches of ``mode`` (default: what ``selection_mode``
+    picks; all modes pick the same pages): (selected, num_selected)."""
+    bt, sl = _i32(block_tables), _i32(seq_lens)
+    if not (cuda_enabled(query, key_min, key_max) and block_size & (block_size - 1) == 0):
+        scores = reference.page_scores(query, key_min, key_max, bt, sl, block_size)
+        return reference.select_pages(scores, sl, block_size, budget_tokens, num_sink_pages)
+    rows = bt.shape[0] * key_min.shape[1]
+    mode = mode or selection_mode(rows, bt.shape[1], query.device.index or 0)
+    fusable = (key_min.dtype == query.dtype and bt.shape[1] - 2 <= _FUSED_SELECT_MAX_CANDIDATES
+               and query.shape[-1] in (64, 128) and query.dtype in _TYPES)
+    counters = _counters(rows, query.device) if fusable and mode == "last" else None
+    if counters is not None:
+        return _score_select_last(query.contiguous(), key_min, key_max, bt, sl, block_size, budget_tokens,
+                                  num_sink_pages, counters)
+    if fusable and mode == "fused":
+        return _score_select(query.contiguous(), key_min, key_max, bt, sl, block_size, budget_tokens,
+                             num_sink_pages)
+    scores = page_scores(query, key_min, key_max, bt, sl, block_size)
+    return select_pages(scores, sl, block_size, budget_tokens, num_sink_pages)
 
 
 def _selection_buffers(b: int, hkv: int, pages: int, block_size: int, budget_tokens: int, num_sink_pages: int,
