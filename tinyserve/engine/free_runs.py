@@ -217,12 +217,16 @@ class FreeRuns:
     def _file_in(self, start: int, end: int) -> None:
         self._end[start] = end
         self._start[end - 1] = start
-        cls = size_class(end - start)
-        self._classes[cls].add(start)
-        self._mask |= 1 << cls
+        length = end - start
+        cls = length if length < _EXACT_CLASSES else size_class(length)
+        members = self._classes[cls]
+        members.add(start)
+        if len(members) == 1:
+            self._mask |= 1 << cls
 
     def _file_out(self, start: int, end: int) -> None:
-        cls = size_class(end - start)
+        length = end - start
+        cls = length if length < _EXACT_CLASSES else size_class(length)
         members = self._classes[cls]
         members.remove(start)
         if not members:
