@@ -184,6 +184,25 @@ def test_update_page_metadata_exact(dtype):
     assert torch.equal(kmin, rmin) and torch.equal(kmax, rmax)
 
 
+@pytest.mark.parametrize("hkv,d", [(8, 128), (1, 64), (2, 80)])
+def test_update_page_metadata_long_writes_with_padding(hkv, d):
+    """Prefill-sized writes (the 16-token chunk path) with padding slots inside, blocks started mid-chunk
+    and a block continued across calls, equal to the reference bit for bit."""
+    bs, nb = 16, 400
+    g = torch.Generator(device=DEV).manual_seed(hkv * d)
+    kmin = torch.randn(nb, hkv, d, generator=g, device=DEV).bfloat16()
+    kmax = kmin + 1
+    rmin, rmax = kmin.clone(), kmax.clone()
+    first = [5 * bs + 3 + i if i % 97 else -1 for i in range(2000)]   # starts mid-block, padding inside
+    second = [first[-1] + 1 + i for i in range(1000)]                  # continues the last block
+    for slots in (first, second):
+        s = torch.tensor(slots, dtype=torch.int64, device=DEV)
+        key = torch.randn(len(slots), hkv, d, generator=g, device=DEV).bfloat16()
+        ops.update_page_metadata(kmin, kmax, key, s, bs)
+        ref.update_page_metadata(rmin, rmax, key, s, bs)
+    assert torch.equal(kmin, rmin) and torch.equal(kmax, rmax)
+
+
 def test_copy_blocks_all_caches_one_launch():
     g = torch.Generator(device=DEV).manual_seed(4)
     caches = [torch.randn(64, 16, 8, 128, generator=g, device=DEV).bfloat16() for _ in range(6)]
@@ -197,9 +216,20 @@ def test_copy_blocks_all_caches_one_launch():
         assert torch.equal(c, r)
 
 
-@pytest.mark.parametrize("n", [1, 15, 16, 4097, 1_000_003])
+@pytest.mark.parametrize("n", [1, 15, 16, 63, 64, 65, 4097, 65536 * 3 + 17, 1_000_003])
 def test_free_run_stats(n):
     g = torch.Generator(device=DEV).manual_seed(n)
-    for density in (0.0, 0.3, 0.9, 1.0):
+    for density in (0.0, 0.3, 0.9, 0.99, 1.0):
         used = torch.rand(n, generator=g, device=DEV) < density
         assert ops.free_run_stats(used) == ref.free_run_stats(used.cpu())
+        if n > 1:   # a view one byte in: no 16-byte alignment, the byte-load path
+            assert ops.free_run_stats(used[1:]) == ref.free_run_stats(used[1:].cpu())
+
+
+def test_free_run_stats_long_runs():
+    """Runs longer than a thread's, a warp's and a CTA's slice, crossing every boundary."""
+    n = 65536 * 5 + 300
+    used = torch.ones(n, dtype=torch.bool, device=DEV)
+    for a, b in ((3, 70), (255, 257), (1000, 9000), (65530, 200000), (n - 100, n)):
+        used[a:b] = False
+    assert ops.free_run_stats(used) == ref.free_run_stats(used.cpu())

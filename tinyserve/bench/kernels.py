@@ -320,12 +320,13 @@ def _side_kernels(bench, copy_gbs: float, rows: list) -> None:
     record("copy_blocks_1024x64caches", bench(lambda: ops.copy_blocks(caches, src, dst)), nbytes, exact=exact,
            torch_ref_ms=bench(lambda: reference.copy_blocks(caches, src, dst)))
     del caches, want
-    # free-run analysis of a 16M-block bitmap
-    n = 16 << 20
-    used = torch.rand(n, device="cuda") < 0.7
-    ok = ops.free_run_stats(used) == reference.free_run_stats(used)
-    record("free_run_stats_16M", bench(_graphed(lambda: ops.free_run_stats_device(used))), n, exact=ok,
-           torch_ref_ms=bench(lambda: reference.free_run_stats(used)))
+    # free-run analysis of a 16M- and a 256M-block bitmap
+    for n, name in ((16 << 20, "16M"), (256 << 20, "256M")):
+        used = torch.rand(n, device="cuda") < 0.7
+        ok = ops.free_run_stats(used) == reference.free_run_stats(used)
+        record(f"free_run_stats_{name}", bench(_graphed(lambda: ops.free_run_stats_device(used))), n, exact=ok,
+               torch_ref_ms=bench(lambda: reference.free_run_stats(used)))
+        del used
     torch.cuda.empty_cache()
 
 

@@ -370,7 +370,7 @@ def free_run_stats_device(used: Tensor) -> Tensor:
     n = used.numel()
     u = used.reshape(-1).contiguous()
     u = u.view(torch.uint8) if u.dtype == torch.bool else (u != 0).view(torch.uint8)
-    nparts = max(1, math.ceil(n / (256 * 16)))
+    nparts = max(1, math.ceil(n / (256 * 256)))   # FR_THREADS x FR_BYTES blocks a CTA
     partial = torch.empty(nparts * 6, dtype=torch.int64, device=used.device)
     result = torch.empty(3, dtype=torch.int64, device=used.device)
     loader.launch(loader.kernel("free_runs.cu", "free_runs_partial"), (nparts,), (256,),
