@@ -28,6 +28,9 @@ def main() -> None:
     ap.add_argument("--budget", type=float, default=1 / 16, help="fraction of the context")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--sweep-splits", default="", help="comma-separated split counts to time (TINYSERVE_SPLITS)")
+    ap.add_argument("--layout-probe", action="store_true",
+                    help="time the sparse attention alone with per-KV-head pages and with KV head 0's pages "
+                         "shared by all heads (same bytes, whole token rows of the cache)")
     args = ap.parse_args()
     b, ctx = args.batch, args.context
     g = torch.Generator(device="cuda").manual_seed(0)
@@ -47,6 +50,25 @@ def main() -> None:
     print(f"B={b} context={ctx} pages={pages} budget={budget} tokens: done")
     if args.sweep_splits:
         _sweep_splits(args, q, kc, vc, kmin, kmax, bt, sl, scale, budget)
+    if args.layout_probe:
+        _layout_probe(q, kc, vc, kmin, kmax, bt, sl, scale, budget)
+
+
+def _layout_probe(q, kc, vc, kmin, kmax, bt, sl, scale, budget) -> None:
+    """Sparse attention alone (CUDA-graph replays, L2 flushed) over each KV head's own pages, and over KV
+    head 0's pages for every head: the same bytes, but then the heads of one token (interleaved in vLLM's
+    [blocks, block_size, Hkv, D] layout) are read together instead of 256-byte pieces 2 KB apart."""
+    from tinyserve.bench.kernels import _bencher, _graphed
+
+    bench, how = _bencher()
+    _, sel, nsel = ops.query_aware_decode(q, kc, vc, kmin, kmax, bt, sl, scale, BS, budget)
+    shared_sel = sel[:, :1].expand_as(sel).contiguous()
+    shared_n = nsel[:, :1].expand_as(nsel).contiguous()
+    nbytes = int(nsel.sum()) * BS * D * 2 * 2
+    print(f"timing: {how}; {nbytes / 1e6:.1f} MB of K/V read either way")
+    for name, s, n in (("per-KV-head pages", sel, nsel), ("head 0's pages for all", shared_sel, shared_n)):
+        ms = bench(_graphed(lambda: ops.sparse_paged_decode_attention(q, kc, vc, bt, sl, s, scale, num_selected=n)))
+        print(f"{name:<24s} {ms * 1e3:7.1f} us  {nbytes / (ms * 1e-3) / 1e9:7.0f} GB/s")
 
 
 def _sweep_splits(args, q, kc, vc, kmin, kmax, bt, sl, scale, budget) -> None:
