@@ -26,6 +26,9 @@ def test_quick_run_writes_json_and_png(tmp_path, capsys) -> None:
         # same trace, same free counts: same schedule and token-slot utilisation for both pools
         assert stock["steps"] == ours["steps"] and stock["preemptions"] == ours["preemptions"]
         assert stock["token_slot_utilisation_mean"] == ours["token_slot_utilisation_mean"]
+        for summary in (stock, ours):  # every own run after a request's first has one recorded cause
+            causes = summary["run_causes_per_request"]
+            assert sum(causes.values()) == pytest.approx(summary["own_runs_per_request_mean"] - 1)
     assert len(report["op_cost"]["vllm"]) == len(report["op_cost"]["tinyserve"]) == 2
     copies = report["offload_copy_cpu"]["tinyserve"]
     assert copies["by_runs_copy_calls_per_request"] == copies["runs_per_request"]

@@ -98,3 +98,13 @@ def test_best_fit_prefers_exact_then_smallest() -> None:
     assert free.best_fit(4) == 40
     assert free.best_fit(6) == 0
     assert free.best_fit(11) is None
+
+
+def test_best_fit_with_predicate_skips_refused_runs() -> None:
+    free = FreeRuns(100)
+    for block_id in [*range(0, 10), *range(20, 23), *range(40, 45), *range(60, 63)]:
+        free.add(block_id)
+    assert free.best_fit(3, lambda start: start != 20) == 60  # the other exact fit
+    assert free.best_fit(4, lambda start: start >= 20) == 40  # 0..10 refused: the next smallest that holds 4
+    assert free.best_fit(3, lambda start: start < 20) == 0  # smallest accepted run that holds 3
+    assert free.best_fit(3, lambda start: False) is None
