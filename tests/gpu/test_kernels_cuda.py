@@ -118,6 +118,36 @@ def test_select_pages_large_row_and_needle():
     assert 777 in sel[0, 1].tolist()
 
 
+def _tie_rule_pages(row: list[float], npages: int, k: int, sinks: int = 1) -> list[int]:
+    """The kernels' selection rule in plain Python: sinks, the last page, and the best of the others by
+    score (NaN lowest), ties to the lowest page index; every page when they fit in k."""
+    if npages <= k:
+        return list(range(npages))
+    cands = sorted(range(sinks, npages - 1), key=lambda p: (math.isnan(row[p]), -row[p] if row[p] == row[p] else 0, p))
+    return sorted(list(range(sinks)) + [npages - 1] + cands[: k - sinks - 1])
+
+
+def test_select_pages_tie_rule():
+    """Short and long rows pick exactly the pages of the rule written out in Python, with many ties and a
+    NaN (the torch reference leaves ties to torch.topk)."""
+    g = torch.Generator(device=DEV).manual_seed(5)
+    bs = 16
+    for pages in (3, 40, 257, 258, 300, 1000):
+        scores = torch.randint(0, 4, (3, 2, pages), generator=g, device=DEV).float()   # many ties
+        scores[0, 1, 7 % pages] = float("nan")
+        live = [pages, pages, max(1, pages // 2)]
+        sl = torch.tensor([n * bs for n in live], dtype=torch.int32, device=DEV)
+        scores[2, :, live[2]:] = float("-inf")
+        for budget_pages in (2, 5, 33):
+            sel, n = ops.select_pages(scores, sl, bs, budget_pages * bs)
+            k = min(pages, budget_pages)
+            for b in range(3):
+                for h in range(2):
+                    want = _tie_rule_pages(scores[b, h].tolist(), live[b], k)
+                    assert int(n[b, h]) == len(want)
+                    assert sel[b, h].tolist() == want + [-1] * (k - len(want)), (pages, budget_pages, b, h)
+
+
 def test_fused_selection_equals_two_pass(monkeypatch):
     """Both one-launch scoring + selection kernels pick exactly the pages of page_scores + select_pages
     (same arithmetic), twice in a row (the tickets reset)."""
