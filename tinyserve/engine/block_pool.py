@@ -11,8 +11,9 @@ blocks only when none is left:
 2. else it extends its own run when the block after its last block starts a free run;
 3. else a new placement takes the best-fitting free run for the request's expected size (prompt + the
    expected output: the moving mean of finished requests' outputs, doubled once exceeded, capped by
-   max_tokens; max_tokens until a request has finished): exact fit, else the smallest run that holds it, else the largest run (most room to grow),
-   then further largest runs (fewest runs); it reserves the rest of its expected size right after it;
+   max_tokens; max_tokens until a request has finished): exact fit, else the smallest run that holds it,
+   else the largest run (most room to grow), then further largest runs (fewest runs); it reserves the rest
+   of its expected size right after it;
 4. else it takes other requests' reservations (reserved blocks are free: they never refuse an allocation);
 5. else (no free block without a hash is left) it evicts cached blocks, contiguously where LRU age
    allows (`_evict_contiguous`): the request's growth room (old, never-hit cached blocks right after its
@@ -610,8 +611,8 @@ class BestFitBlockPool(BlockPool):
         A block is taken out of LRU order only if it is old (`_age_limit`) and was never hit (shared
         prefixes and preempted requests' blocks are left to plain LRU order). In order: the request's own
         room; old blocks right after `last`; the smallest run of never-hit cached blocks that holds the
-        expected size (else what is needed now) and starts with an old block; regions opened at the LRU head, extended down over old blocks
-        so that a region of the expected size ends at the head (its blocks freed together with the head,
+        expected size (else what is needed now) and starts with an old block; regions opened at the LRU
+        head, extended down over old blocks so that a region of the expected size ends at the head (its blocks freed together with the head,
         if the request that freed them was contiguous); plain LRU (`_pick_eviction`) when the head was
         hit. When the LRU holds no block (every free block lies in a room), the rooms go back to the LRU.
         What is left of `size` afterwards becomes the request's room."""
@@ -840,7 +841,8 @@ class BestFitBlockPool(BlockPool):
         assert not roomed & reserved
         lru = {b.block_id for b in self._lru_blocks()}
         assert len(lru) == self._lru.num_free_blocks and not lru & roomed
-        assert {i for i in lru if not self._hits[i]} == {s for s, e in self._cold.runs() for s in range(s, e)}
+        cold = {i for start, end in self._cold.runs() for i in range(start, end)}
+        assert {i for i in lru if not self._hits[i]} == cold
         cached = lru | roomed
         for block in self.blocks:
             i = block.block_id

@@ -23,8 +23,8 @@ platform picks it where it would pick the stock one. The override is the stock b
    the selecting rows are cut to one token; a step whose rows all select skips that call.
 
 The KV cache itself is never copied or re-laid out: the kernel reads it through the one-head view and the
-per-head block table; metadata is computed from the keys vLLM hands to the cache update, so the cache's internal layout (which
-differs from the reference's [blocks, block_size, heads, dim]) never has to be read.
+per-head block table; metadata is computed from the keys vLLM hands to the cache update, so the cache's
+internal layout (which differs from the reference's [blocks, block_size, heads, dim]) never has to be read.
 
 Every KV block copy vLLM applies in the worker (`copy_kv_cache_blocks_inplace`, used for copy-on-write and
 scheduler-driven compaction) is applied to the page metadata as well.
@@ -107,7 +107,8 @@ class DecodeSelectionPlan:
     kernel's work partition are known before any layer runs).
 
     rows: batch rows of the eligible requests; query_index: their query token; block_table / seq_lens /
-    budget_pages: their rows; selection_bias: `PageSelector.selection_bias` of their rows. head_seq_lens / head_query_start_loc / head_scheduler_metadata: the kernel's
+    budget_pages: their rows; selection_bias: `PageSelector.selection_bias` of their rows.
+    head_seq_lens / head_query_start_loc / head_scheduler_metadata: the kernel's
     batch of (request, KV head) sequences over the one-head cache view, request-major (row i, head h is
     sequence i * num_kv_heads + h). rest: metadata of the stock call for the step's other rows (the selecting
     rows cut to one token), or None when every row of the step selects.
