@@ -214,18 +214,20 @@ def test_update_page_metadata_exact(dtype):
     assert torch.equal(kmin, rmin) and torch.equal(kmax, rmax)
 
 
-@pytest.mark.parametrize("hkv,d", [(8, 128), (1, 64), (2, 80)])
-def test_update_page_metadata_long_writes_with_padding(hkv, d):
+@pytest.mark.parametrize("bs", [16, 24])   # block ids by shift, and by division
+@pytest.mark.parametrize("hkv,d", [(8, 128), (1, 64), (2, 80), (1, 6)])   # (1, 6): rows of 3 words
+def test_update_page_metadata_long_writes_with_padding(hkv, d, bs):
     """Prefill-sized writes (the 16-token chunk path) with padding slots inside, blocks started mid-chunk
     and a block continued across calls, equal to the reference bit for bit."""
-    bs, nb = 16, 400
+    nb = 400
     g = torch.Generator(device=DEV).manual_seed(hkv * d)
     kmin = torch.randn(nb, hkv, d, generator=g, device=DEV).bfloat16()
     kmax = kmin + 1
     rmin, rmax = kmin.clone(), kmax.clone()
     first = [5 * bs + 3 + i if i % 97 else -1 for i in range(2000)]   # starts mid-block, padding inside
     second = [first[-1] + 1 + i for i in range(1000)]                  # continues the last block
-    for slots in (first, second):
+    third = [200 * bs + i for i in range(1600)]                         # block-aligned: whole-block chunks
+    for slots in (first, second, third):
         s = torch.tensor(slots, dtype=torch.int64, device=DEV)
         key = torch.randn(len(slots), hkv, d, generator=g, device=DEV).bfloat16()
         ops.update_page_metadata(kmin, kmax, key, s, bs)

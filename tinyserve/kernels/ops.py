@@ -340,11 +340,17 @@ def update_page_metadata(key_min: Tensor, key_max: Tensor, key: Tensor, slot_map
     words = k[0].numel() // 2
     tn = _TYPES[key.dtype]
     reset = loader.kernel("page_metadata.cu", f"page_metadata_reset<{tn}>")
-    loader.launch(reset, (t,), (256,), (_p(slots), _i(t), _i(block_size), _i(words), _p(key_min), _p(key_max)))
+    cap = 8 * loader.num_sms(torch.cuda.current_device())
+    loader.launch(reset, (min(math.ceil(t / 8), cap),), (256,),   # a warp per token
+                  (_p(slots), _i(t), _i(block_size), _i(words), _p(key_min), _p(key_max)))
     chunk = 1 if t <= _METADATA_SMALL_WRITE else 16
-    merge = loader.kernel("page_metadata.cu", f"page_metadata_merge<{tn},{chunk}>")
-    grid = min(math.ceil(math.ceil(t / chunk) * words / 256), 8 * loader.num_sms(torch.cuda.current_device()))
-    loader.launch(merge, (grid,), (256,), (_p(k), _p(slots), _i(t), _i(block_size), _i(words),
+    # prefills read 16 bytes a thread and token; a decode step's threads fold one word each (each word's
+    # compare-and-swaps are a chain of L2 round trips, so fewer words a thread keeps that chain short)
+    vec = 4 if chunk > 1 and words % 4 == 0 and k.data_ptr() % 16 == 0 else 1
+    merge = loader.kernel("page_metadata.cu", f"page_metadata_merge<{tn},{chunk},{vec}>")
+    grid = min(math.ceil(math.ceil(t / chunk) * words / vec / 256), cap)
+    bs_shift = block_size.bit_length() - 1 if block_size & (block_size - 1) == 0 else -1
+    loader.launch(merge, (grid,), (256,), (_p(k), _p(slots), _i(t), _i(block_size), _i(bs_shift), _i(words),
                                            _p(key_min), _p(key_max)))
     return None
 
