@@ -59,13 +59,19 @@ def _say(*a) -> None:
 
 
 def _commit() -> str:
+    """``TINYSERVE_COMMIT`` when set, else git's HEAD, marked ``+dirty`` when the package's files differ from
+    it (a copy of the tree on another machine may carry a stale repository)."""
     if os.environ.get("TINYSERVE_COMMIT"):
         return os.environ["TINYSERVE_COMMIT"]
+    here = Path(__file__).resolve().parent
     try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
-                              cwd=Path(__file__).resolve().parent).stdout.strip() or "unknown"
+        head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
+                              cwd=here).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", str(here.parent)], capture_output=True,
+                               text=True, timeout=30, cwd=here).stdout.strip()
     except Exception:  # noqa: BLE001
-        return os.environ.get("TINYSERVE_COMMIT", "unknown")
+        return "unknown"
+    return (head + ("+dirty" if dirty else "")) if head else "unknown"
 
 
 def _bencher():
