@@ -227,31 +227,43 @@ def _wait_idle_kv(serve_app, timeout_s: float = 120) -> dict[int, dict]:
 
 def test_client_disconnect_mid_stream_frees_kv_blocks(url, serve_app):
     _wait_for_replicas(serve_app, 2, 600)
-    idle = _wait_idle_kv(serve_app)
     max_tokens = 2000
-    body = {"model": MODEL, "prompt": "disconnect " + uuid.uuid4().hex, "max_tokens": max_tokens,
-            "temperature": 0, "ignore_eos": True, "stream": True}
-    chunk_times: list[float] = []
-    with httpx.Client(timeout=120) as c:
-        with c.stream("POST", url + "/v1/completions", json=body) as r:
-            assert r.status_code == 200
-            for line in r.iter_lines():
-                if line.startswith("data: {"):
-                    chunk_times.append(time.monotonic())
-                if len(chunk_times) >= 40:
-                    break
-            # The request holds KV blocks on its replica while it streams.
-            deadline = time.monotonic() + 30
-            held = None
-            while time.monotonic() < deadline and held is None:
-                now = _kv(serve_app)
-                held = next((pid for pid, v in now.items() if v["running"] > 0 and v["free"] < idle[pid]["free"]),
-                            None)
-            assert held is not None, now
-            streamed = len(chunk_times)
-            rate = (streamed - 1) / (chunk_times[-1] - chunk_times[0])
-        # Leaving the `with` closes the connection mid-stream.
-        left_at = time.monotonic()
+    # The request's replica is found from its sampled engine stats while it streams. A second attempt (a new
+    # request, once the first is gone) covers a sampling window that missed it; both misses are reported
+    # with the stats' ages.
+    misses = []
+    for _attempt in range(2):
+        idle = _wait_idle_kv(serve_app)
+        body = {"model": MODEL, "prompt": "disconnect " + uuid.uuid4().hex, "max_tokens": max_tokens,
+                "temperature": 0, "ignore_eos": True, "stream": True}
+        chunk_times: list[float] = []
+        with httpx.Client(timeout=120) as c:
+            with c.stream("POST", url + "/v1/completions", json=body) as r:
+                assert r.status_code == 200
+                for line in r.iter_lines():
+                    if line.startswith("data: {"):
+                        chunk_times.append(time.monotonic())
+                    if len(chunk_times) >= 40:
+                        break
+                # The request holds KV blocks on its replica while it streams.
+                deadline = time.monotonic() + 30
+                held = None
+                while time.monotonic() < deadline and held is None:
+                    now = _kv(serve_app)
+                    held = next((pid for pid, v in now.items() if v["running"] > 0 and v["free"] < idle[pid]["free"]),
+                                None)
+                    if held is None:
+                        time.sleep(0.2)
+                if held is None:
+                    ages = {s["replica_pid"]: s.get("stats_age_s") for s in serve_app.replica_stats()}
+                    misses.append({"kv": now, "stats_age_s": ages})
+                    continue   # leaving the stream disconnects this request
+                streamed = len(chunk_times)
+                rate = (streamed - 1) / (chunk_times[-1] - chunk_times[0])
+            # Leaving the `with` closes the connection mid-stream.
+            left_at = time.monotonic()
+        break
+    assert held is not None, misses
     remaining_s = (max_tokens - streamed) / rate - (left_at - chunk_times[-1])
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
