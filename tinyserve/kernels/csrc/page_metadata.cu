@@ -66,6 +66,18 @@ __device__ __forceinline__ void load_words(const u32 *__restrict__ key, size_t a
   }
 }
 
+// Fold partial min / max words mn, mx (VEC pairs of 16-bit channels) into kmin / kmax at `at`, by
+// compare-and-swap (other threads may write the same words in this call).
+template <typename T, int VEC>
+__device__ __forceinline__ void merge_words(u32 *kmin, u32 *kmax, long long at, const u32 (&mn)[VEC],
+                                            const u32 (&mx)[VEC]) {
+#pragma unroll
+  for (int e = 0; e < VEC; ++e) {
+    cas_pair<T, false>(kmin + at + e, mn[e]);
+    cas_pair<T, true>(kmax + at + e, mx[e]);
+  }
+}
+
 template <typename T, int CHUNK, int VEC>
 __global__ void page_metadata_merge(const u32 *__restrict__ key, const long long *__restrict__ slots,
                                     int ntok, int bs, int bs_shift, int words, u32 *__restrict__ kmin,
@@ -103,13 +115,7 @@ __global__ void page_metadata_merge(const u32 *__restrict__ key, const long long
     for (int u = 0; u < CHUNK; ++u) {
       if (blk[u] < 0) continue;
       if (blk[u] != cur) {
-        if (cur >= 0) {
-#pragma unroll
-          for (int e = 0; e < VEC; ++e) {
-            cas_pair<T, false>(kmin + cur * words + w + e, mn[e]);
-            cas_pair<T, true>(kmax + cur * words + w + e, mx[e]);
-          }
-        }
+        if (cur >= 0) merge_words<T, VEC>(kmin, kmax, cur * words + w, mn, mx);
         cur = blk[u];
 #pragma unroll
         for (int e = 0; e < VEC; ++e) { mn[e] = v[u][e]; mx[e] = v[u][e]; }
@@ -128,11 +134,7 @@ __global__ void page_metadata_merge(const u32 *__restrict__ key, const long long
         kmax[cur * words + w + e] = mx[e];
       }
     } else if (cur >= 0) {
-#pragma unroll
-      for (int e = 0; e < VEC; ++e) {
-        cas_pair<T, false>(kmin + cur * words + w + e, mn[e]);
-        cas_pair<T, true>(kmax + cur * words + w + e, mx[e]);
-      }
+      merge_words<T, VEC>(kmin, kmax, cur * words + w, mn, mx);
     }
   }
 }
