@@ -368,6 +368,18 @@ class BestFitBlockPool(BlockPool):
             self._lru_clock = clock
             self._lru.append_n(cached)
 
+    def _claim_old_cold(self, block_id: int, need: int, limit: int, out: list[int]) -> int:
+        """Claim the old (LRU serial below `limit`), never-hit cached blocks from `block_id` on, consecutive,
+        at most `need`, appending them to `out`; returns how many."""
+        cold, serial, last_id = self._cold, self._serial, self.num_gpu_blocks - 1
+        got = 0
+        while got < need and 0 < block_id <= last_id and cold.contains(block_id) and serial[block_id] < limit:
+            self._claim(block_id)
+            out.append(block_id)
+            block_id += 1
+            got += 1
+        return got
+
     def _claim(self, block_id: int) -> None:
         """Mark a free block allocated; it must already be out of `_runs`, unreserved and out of any
         room. Evicts its prefix-cache entry (allocation overwrites it)."""
@@ -612,9 +624,9 @@ class BestFitBlockPool(BlockPool):
         prefixes and preempted requests' blocks are left to plain LRU order). In order: the request's own
         room; old blocks right after `last`; the smallest run of never-hit cached blocks that holds the
         expected size (else what is needed now) and starts with an old block; regions opened at the LRU
-        head, extended down over old blocks so that a region of the expected size ends at the head (its blocks freed together with the head,
-        if the request that freed them was contiguous); plain LRU (`_pick_eviction`) when the head was
-        hit. When the LRU holds no block (every free block lies in a room), the rooms go back to the LRU.
+        head, extended down over old blocks so that a region of the expected size ends at the head (its
+        blocks freed together with the head, if the request that freed them was contiguous); plain LRU
+        (`_pick_eviction`) when the head was hit. When the LRU holds no block (every free block lies in a room), the rooms go back to the LRU.
         What is left of `size` afterwards becomes the request's room."""
         out: list[int] = []
         in_lru, hits, serial = self._in_lru, self._hits, self._serial
@@ -633,12 +645,7 @@ class BestFitBlockPool(BlockPool):
                 last = nxt + got - 1
             else:  # stale: its owner's table moved on
                 self._drop_room(rid)
-        block_id = last + 1
-        while need and 0 < block_id <= last_id and in_lru[block_id] and not hits[block_id] and serial[block_id] < limit:
-            self._claim(block_id)
-            out.append(block_id)
-            block_id += 1
-            need -= 1
+        need -= self._claim_old_cold(last + 1, need, limit, out)
         cold = self._cold
 
         def is_old(start: int) -> bool:
@@ -650,12 +657,7 @@ class BestFitBlockPool(BlockPool):
                 start = cold.best_fit(need, is_old)
             if start is None:
                 break
-            block_id = start
-            while need and block_id <= last_id and cold.contains(block_id) and serial[block_id] < limit:
-                self._claim(block_id)
-                out.append(block_id)
-                block_id += 1
-                need -= 1
+            need -= self._claim_old_cold(start, need, limit, out)
         queue = self._lru
         while need:
             head = queue.fake_free_list_head.next_free_block
