@@ -65,6 +65,12 @@ def _count_stock_evictions(pool: Any) -> list[int]:
     return counter
 
 
+def _free_without_hash(pool: Any) -> Any:
+    """For each block but the null one: whether it is free and carries no hash (vLLM hands those out
+    before it evicts any cached block)."""
+    return (b.ref_cnt == 0 and b.block_hash is None for b in pool.blocks[1:])
+
+
 def _count_forced_breaks(manager: Any) -> dict[str, int]:
     """Count, per request, the allocations that no placement can keep contiguous under vLLM's free-queue
     order: the request already holds blocks of its own, every block has been used once, and a free block
@@ -92,7 +98,7 @@ def _count_forced_breaks(manager: Any) -> dict[str, int]:
     def counting_get_new_blocks(num_blocks: int) -> list:
         rid = current[0]
         if rid is not None and own.get(rid) and used.find(0) < 0:
-            if any(b.ref_cnt == 0 and b.block_hash is None for b in pool.blocks[1:]):
+            if any(_free_without_hash(pool)):
                 forced[rid] = forced.get(rid, 0) + 1
         blocks = get_new_blocks(num_blocks)
         for block in blocks:
@@ -176,7 +182,7 @@ def _count_run_causes(manager: Any) -> dict[str, int]:
             return f"next_taken_by_{taker[nxt]}"
         if block.block_hash is None:
             return "next_free_empty_passed_over"
-        if any(b.ref_cnt == 0 and b.block_hash is None for b in pool.blocks[1:]):
+        if any(_free_without_hash(pool)):
             return "next_cached_forced_by_free_order"
         return "next_cached_kept"
 
@@ -187,7 +193,7 @@ def _count_run_causes(manager: Any) -> dict[str, int]:
         cause = cause_of_next(tables[rid][-1].block_id) if growing else None
         empty = fits = 0
         if num_blocks > 1:
-            empty = sum(b.ref_cnt == 0 and b.block_hash is None for b in pool.blocks[1:])
+            empty = sum(_free_without_hash(pool))
             fits = int(free_run_lengths(pool_free_mask(pool)).max(initial=0)) >= num_blocks
         blocks = get_new_blocks(num_blocks)
         clock[0] += 1
