@@ -46,6 +46,8 @@ CONFIGS = [  # dtype, Hq, Hkv, D, block_size
     (torch.bfloat16, 8, 8, 64, 16),
     (torch.float16, 16, 4, 64, 64),
     (torch.bfloat16, 16, 2, 64, 32),
+    (torch.bfloat16, 32, 8, 128, 128),   # the kernel bench's coarse-page columns
+    (torch.bfloat16, 32, 8, 128, 256),
 ]
 SEQS = [(1,), (5000,), (17, 1, 300, 2048, 65), (129, 4096, 33)]
 
@@ -68,7 +70,7 @@ def test_dense_attention(cfg, seqs, variant, monkeypatch):
 
 
 @pytest.mark.parametrize("variant", [("mma", "last"), ("mma3", "fused"), ("mma2", "two_pass"), ("simt", "two_pass")])
-@pytest.mark.parametrize("cfg", CONFIGS[:4])
+@pytest.mark.parametrize("cfg", CONFIGS[:4] + CONFIGS[-2:])
 @pytest.mark.parametrize("budget", [64, 256, 1024, 1 << 20])
 def test_query_aware_decode(cfg, budget, variant, monkeypatch):
     monkeypatch.setenv("TINYSERVE_ATTN", variant[0])
@@ -103,6 +105,42 @@ def test_query_aware_decode(cfg, budget, variant, monkeypatch):
     if budget >= 1 << 20:   # full budget: bitwise the dense kernel
         dense = ops.paged_decode_attention(q, kc, vc, bt, sl, scale)
         assert torch.equal(out, dense)
+
+
+@pytest.mark.parametrize("mode", ["fused", "last", "two_pass"])
+@pytest.mark.parametrize("bs", [128, 256])
+def test_large_pages_long_rows(bs, mode, monkeypatch):
+    """128- and 256-token pages on rows of up to 300 pages (past the 256 pages of the fused mode's regime) in
+    every selection mode: page scores, the pages chosen (up to ties) and the sparse attention against the
+    reference at the bench's 1/16-of-32k budget, and the full budget bitwise the dense kernel."""
+    monkeypatch.setenv("TINYSERVE_SELECT", mode)
+    hq, hkv, d = 32, 8, 128
+    seqs = (32768 + 5, 1, 700, 2 * bs + 1, 300 * bs - 7)
+    q, kc, vc, bt, sl = _case(len(seqs), hq, hkv, d, bs, seqs, torch.bfloat16, seed=bs + len(mode))
+    kmin, kmax = kc.amin(1), kc.amax(1)
+    scale = d ** -0.5
+    s_cuda = ops.page_scores(q, kmin, kmax, bt, sl, bs)
+    s_ref = ref.page_scores(q, kmin, kmax, bt, sl, bs)
+    live = torch.isfinite(s_ref)
+    assert torch.equal(live, torch.isfinite(s_cuda))
+    torch.testing.assert_close(s_cuda[live], s_ref[live], rtol=1e-4, atol=1e-3)
+    for budget in (2048, 1 << 20):
+        out = torch.full_like(q, float("nan"))
+        _, sel, nsel = ops.query_aware_decode(q, kc, vc, kmin, kmax, bt, sl, scale, bs, budget, out=out)
+        rsel, rn = ref.select_pages(s_cuda, sl, bs, budget)
+        assert torch.equal(nsel, rn)
+        for b in range(len(seqs)):
+            for h in range(hkv):
+                n = int(nsel[b, h])
+                got = sel[b, h, :n]
+                assert torch.equal(got, torch.sort(got).values) and (sel[b, h, n:] == -1).all()
+                a = torch.sort(s_cuda[b, h, got.long()]).values
+                w = torch.sort(s_cuda[b, h, rsel[b, h, :n].long()]).values
+                assert torch.equal(a, w)
+        assert torch.isfinite(out).all()
+        want = ref.sparse_paged_decode_attention(q.double(), kc.double(), vc.double(), bt, sl, sel, scale)
+        assert _rel(out, want) < 1e-2
+    assert torch.equal(out, ops.paged_decode_attention(q, kc, vc, bt, sl, scale))   # full budget: dense
 
 
 def test_select_pages_large_row_and_needle():

@@ -3,7 +3,8 @@
 Owns the measurement of issue 5: on one card, in one process, it measures the device-to-device copy
 bandwidth, then for every grid point (batch x context) times torch SDPA (flash) on contiguous KV,
 gather-then-SDPA on the paged layout, the dense paged kernel (16- and 64-token pages) and query-aware
-sparse decode at several budgets, each checked against the dense result (output error, needle recall).
+sparse decode at several budgets with 16-, 64-, 128- and 256-token pages (one logical sequence seen through
+blocks of each size of the same memory), each checked against the dense result (output error, needle recall).
 It also times the page-metadata update, the multi-cache block copy and the free-run analysis against
 their torch references. Prints progress lines and a table; writes JSON naming card, torch and commit.
 
@@ -25,14 +26,14 @@ from pathlib import Path
 
 HQ, HKV, D = 32, 8, 128
 VARIANTS = ("mma2", "mma3", "mma2x2", "simt")   # attention kernels timed beside the default (TINYSERVE_ATTN)
-# other sparse pipelines timed at the target point (1/16 with 64- and 128-token pages): name -> environment
+# other sparse pipelines timed at the target point (1/16 with 64-, 128- and 256-token pages): name -> environment
 SPARSE_VARIANTS = {
     "mma2x2_last": {"TINYSERVE_ATTN": "mma2x2", "TINYSERVE_SELECT": "last"},
     "mma2x2_fused": {"TINYSERVE_ATTN": "mma2x2", "TINYSERVE_SELECT": "fused"},
     "mma2_two_pass": {"TINYSERVE_ATTN": "mma2", "TINYSERVE_SELECT": "two_pass"},
     "simt_two_pass": {"TINYSERVE_ATTN": "simt", "TINYSERVE_SELECT": "two_pass"},
 }
-SPARSE_PAGES = (16, 64, 128)   # page (block) sizes of the sparse rows
+SPARSE_PAGES = (16, 64, 128, 256)   # page (block) sizes of the sparse rows
 
 
 class _env:
@@ -161,22 +162,26 @@ def _point(bench, b: int, ctx: int, budgets: list[float], copy_gbs: float, rows:
     kc = torch.randn(nb, 16, HKV, D, device="cuda", dtype=dt)
     vc = torch.randn(nb, 16, HKV, D, device="cuda", dtype=dt)
     q = torch.randn(b, HQ, D, device="cuda", dtype=dt)
-    # one logical sequence seen through 128-, 64- and 16-token blocks of the same memory
-    p128, p64 = ctx // 128, ctx // 64
-    bt128 = torch.randperm(nb // 8, device="cuda").view(b, p128).int()
+    # one logical sequence seen through 256-, 128-, 64- and 16-token blocks of the same memory
+    p256, p128, p64 = ctx // 256, ctx // 128, ctx // 64
+    bt256 = torch.randperm(nb // 16, device="cuda").view(b, p256).int()
+    bt128 = (2 * bt256.repeat_interleave(2, dim=1) + torch.arange(2, device="cuda").repeat(p256)).int()
     bt64 = (2 * bt128.repeat_interleave(2, dim=1) + torch.arange(2, device="cuda").repeat(p128)).int()
     bt16 = (4 * bt64.repeat_interleave(4, dim=1) + torch.arange(4, device="cuda").repeat(p64)).int()
     sl = torch.full((b,), ctx, dtype=torch.int32, device="cuda")
     # plant one needle per (sequence, KV head): a key 3x the norm of a random key along the group's query
     qsum = q.float().view(b, HKV, HQ // HKV, D).sum(2)
     needle = (3 * math.sqrt(D) * qsum / qsum.norm(dim=-1, keepdim=True)).to(dt)
-    pos = torch.randint(128 * 2, ctx - 128, (b, HKV), device="cuda")   # never in a forced page
+    # never in a forced page (the first and the last page) at any page size up to 256 tokens
+    pos = torch.randint(256, ctx - 256, (b, HKV), device="cuda")
     blk = torch.gather(bt16.long(), 1, pos // 16)
     kc[blk, pos % 16, torch.arange(HKV, device="cuda").expand(b, HKV)] = needle
     kc64, vc64 = kc.view(nb // 4, 64, HKV, D), vc.view(nb // 4, 64, HKV, D)
     kc128, vc128 = kc.view(nb // 8, 128, HKV, D), vc.view(nb // 8, 128, HKV, D)
+    kc256, vc256 = kc.view(nb // 16, 256, HKV, D), vc.view(nb // 16, 256, HKV, D)
     meta = {16: (kc.amin(1), kc.amax(1), kc, vc, bt16), 64: (kc64.amin(1), kc64.amax(1), kc64, vc64, bt64),
-            128: (kc128.amin(1), kc128.amax(1), kc128, vc128, bt128)}
+            128: (kc128.amin(1), kc128.amax(1), kc128, vc128, bt128),
+            256: (kc256.amin(1), kc256.amax(1), kc256, vc256, bt256)}
     base = {"B": b, "context": ctx}
 
     def record(name, ms, nbytes, **extra):
@@ -274,7 +279,7 @@ def _point(bench, b: int, ctx: int, budgets: list[float], copy_gbs: float, rows:
                 ms_att = bench(_graphed(lambda: ops.sparse_paged_decode_attention(
                     q, kcb, vcb, btb, sl, sel, scale, num_selected=nsel)))
                 record(f"stage_attention_bs{bs}_1/16", ms_att, nbytes - meta_bytes)
-    del kc, vc, meta, kc64, vc64, kc128, vc128
+    del kc, vc, meta, kc64, vc64, kc128, vc128, kc256, vc256
     _GRAPHS.clear()
     torch.cuda.empty_cache()
 
@@ -363,7 +368,8 @@ def _plot(rows: list, card: str, copy_gbs: float, path: str) -> str | None:
     except Exception:  # noqa: BLE001
         return None
     points = sorted({(r["B"], r["context"]) for r in rows if "B" in r})
-    names = ["dense_paged_bs16", "sparse_bs16_1/16", "sparse_bs64_1/16", "sparse_bs128_1/16", "sparse_bs64_1/32"]
+    names = ["dense_paged_bs16", "sparse_bs16_1/16", "sparse_bs64_1/16", "sparse_bs128_1/16", "sparse_bs256_1/16",
+             "sparse_bs64_1/32"]
     fig, ax = plt.subplots(figsize=(10, 4.5))
     width = 0.8 / len(names)
     for i, name in enumerate(names):
