@@ -161,7 +161,9 @@ def _attention(query: Tensor, key_cache: Tensor, value_cache: Tensor, block_tabl
               _i(bs.bit_length() - 1), _i(pps), np.float32(scale * _LOG2E), _p(part_acc), _p(part_ml))
     if variant.startswith("mma"):
         fn = loader.kernel("paged_attention.cu", f"paged_decode_mma<{t},{d},{g},{minb},{nsub}>")
-        loader.launch(fn, (splits, hkv, b), (128,), common + (_p(counters), _p(out)), shared_mem=4 * pps)
+        # block ids of the split's pages, and with a selection their logical page numbers
+        loader.launch(fn, (splits, hkv, b), (128,), common + (_p(counters), _p(out)),
+                      shared_mem=(8 if selected is not None else 4) * pps)
     else:
         unroll = 4 if g <= 4 else 2
         fn = loader.kernel("paged_attention.cu", f"paged_decode_attention<{t},{d},{g},{unroll}>")

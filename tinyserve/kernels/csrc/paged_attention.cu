@@ -234,27 +234,37 @@ __global__ void __launch_bounds__(128, MINB) paged_decode_mma(
   const int bs = 1 << bs_shift;
   const int hq = hkv * G;
 
-  extern __shared__ int s_phys[];   // [pages_per_split]
+  // [pages_per_split] block ids of the split's pages, then (with a selection) their logical page numbers
+  extern __shared__ int s_phys[];
+  int *s_lp = s_phys + pages_per_split;
   __shared__ float s_m[4][G], s_l[4][G];
   __shared__ __align__(16) float s_acc[4][G][D];
   __shared__ float s_M[G], s_L[G];   // the CTA's merged max and sum per query head
   __shared__ int s_last;
 
   const int seq = seq_lens[b];
-  const int npages_seq = (seq + bs - 1) >> bs_shift;
-  const int nlist = sel ? nsel[b * hkv + h] : npages_seq;
+  const int nselected = sel ? nsel[b * hkv + h] : 0;
   const int p0 = split * pages_per_split;
+  if (sel) {
+    // The split's selected pages and their block ids are read before the list length arrives (the list
+    // is -1 past its length; nothing past the length is used).
+    const int *row = sel + ((size_t)b * hkv + h) * sel_k;
+    for (int j = tid; j < pages_per_split && p0 + j < sel_k; j += blockDim.x) {
+      const int lp = row[p0 + j];
+      s_lp[j] = lp;
+      s_phys[j] = lp >= 0 ? bt[(size_t)b * bt_stride + lp] : 0;
+    }
+  }
+  const int nlist = sel ? nselected : (seq + bs - 1) >> bs_shift;
   const int np = min(pages_per_split, nlist - p0);
   const size_t head_row = (size_t)b * hq + (size_t)h * G;
 
   if (np > 0) {
-    for (int j = tid; j < np; j += blockDim.x) {
-      int lp = sel ? sel[((size_t)b * hkv + h) * sel_k + p0 + j] : p0 + j;
-      s_phys[j] = bt[(size_t)b * bt_stride + lp];
-    }
-    const int last_lp = sel ? sel[((size_t)b * hkv + h) * sel_k + p0 + np - 1] : p0 + np - 1;
-    const int ntok = (np - 1) * bs + min(bs, seq - last_lp * bs);
+    if (!sel)
+      for (int j = tid; j < np; j += blockDim.x) s_phys[j] = bt[(size_t)b * bt_stride + p0 + j];
     __syncthreads();
+    const int last_lp = sel ? s_lp[np - 1] : p0 + np - 1;
+    const int ntok = (np - 1) * bs + min(bs, seq - last_lp * bs);
 
     // Q as the A operand: row gid = query head gid (zero past G); R0 / R2 = low / high k pair of chunk c
     u32 qa[NQC][2];
