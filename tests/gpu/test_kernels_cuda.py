@@ -69,6 +69,37 @@ def test_dense_attention(cfg, seqs, variant, monkeypatch):
     assert _rel(out, want) < 1e-2
 
 
+def _checked_page_scores(q, kmin, kmax, bt, sl, bs):
+    """The CUDA page scores, checked against the reference (same pages live, values close)."""
+    s_cuda = ops.page_scores(q, kmin, kmax, bt, sl, bs)
+    s_ref = ref.page_scores(q, kmin, kmax, bt, sl, bs)
+    live = torch.isfinite(s_ref)
+    assert torch.equal(live, torch.isfinite(s_cuda))
+    torch.testing.assert_close(s_cuda[live], s_ref[live], rtol=1e-4, atol=1e-3)
+    return s_cuda
+
+
+def _checked_query_aware_decode(q, kc, vc, kmin, kmax, bt, sl, scale, bs, budget, s_cuda):
+    """The CUDA query-aware decode (into a NaN-poisoned output), checked against the reference: the pages
+    chosen (ascending, -1 padded, the same score set as the reference's up to ties) and the attention."""
+    out = torch.full_like(q, float("nan"))
+    _, sel, nsel = ops.query_aware_decode(q, kc, vc, kmin, kmax, bt, sl, scale, bs, budget, out=out)
+    rsel, rn = ref.select_pages(s_cuda, sl, bs, budget)
+    assert torch.equal(nsel, rn)
+    for b in range(sel.shape[0]):
+        for h in range(sel.shape[1]):
+            n = int(nsel[b, h])
+            got = sel[b, h, :n]
+            assert torch.equal(got, torch.sort(got).values) and (sel[b, h, n:] == -1).all()
+            a = torch.sort(s_cuda[b, h, got.long()]).values
+            w = torch.sort(s_cuda[b, h, rsel[b, h, :n].long()]).values
+            assert torch.equal(a, w)
+    assert torch.isfinite(out).all()
+    want = ref.sparse_paged_decode_attention(q.double(), kc.double(), vc.double(), bt, sl, sel, scale)
+    assert _rel(out, want) < 1e-2
+    return out
+
+
 @pytest.mark.parametrize("variant", [("mma", "last"), ("mma3", "fused"), ("mma2", "two_pass"), ("simt", "two_pass")])
 @pytest.mark.parametrize("cfg", CONFIGS[:4] + CONFIGS[-2:])
 @pytest.mark.parametrize("budget", [64, 256, 1024, 1 << 20])
@@ -80,28 +111,8 @@ def test_query_aware_decode(cfg, budget, variant, monkeypatch):
     q, kc, vc, bt, sl = _case(len(seqs), hq, hkv, d, bs, seqs, dtype, seed=budget + bs)
     kmin, kmax = kc.amin(1), kc.amax(1)
     scale = d ** -0.5
-    s_cuda = ops.page_scores(q, kmin, kmax, bt, sl, bs)
-    s_ref = ref.page_scores(q, kmin, kmax, bt, sl, bs)
-    live = torch.isfinite(s_ref)
-    assert torch.equal(live, torch.isfinite(s_cuda))
-    torch.testing.assert_close(s_cuda[live], s_ref[live], rtol=1e-4, atol=1e-3)
-
-    out = torch.full_like(q, float("nan"))
-    _, sel, nsel = ops.query_aware_decode(q, kc, vc, kmin, kmax, bt, sl, scale, bs, budget, out=out)
-    rsel, rn = ref.select_pages(s_cuda, sl, bs, budget)
-    assert torch.equal(nsel, rn)
-    # same selection as the reference up to ties: compare the chosen score sets
-    for b in range(len(seqs)):
-        for h in range(hkv):
-            n = int(nsel[b, h])
-            got = sel[b, h, :n]
-            assert torch.equal(got, torch.sort(got).values) and (sel[b, h, n:] == -1).all()
-            a = torch.sort(s_cuda[b, h, got.long()]).values
-            w = torch.sort(s_cuda[b, h, rsel[b, h, :n].long()]).values
-            assert torch.equal(a, w)
-    assert torch.isfinite(out).all()
-    want = ref.sparse_paged_decode_attention(q.double(), kc.double(), vc.double(), bt, sl, sel, scale)
-    assert _rel(out, want) < 1e-2
+    s_cuda = _checked_page_scores(q, kmin, kmax, bt, sl, bs)
+    out = _checked_query_aware_decode(q, kc, vc, kmin, kmax, bt, sl, scale, bs, budget, s_cuda)
     if budget >= 1 << 20:   # full budget: bitwise the dense kernel
         dense = ops.paged_decode_attention(q, kc, vc, bt, sl, scale)
         assert torch.equal(out, dense)
@@ -119,27 +130,9 @@ def test_large_pages_long_rows(bs, mode, monkeypatch):
     q, kc, vc, bt, sl = _case(len(seqs), hq, hkv, d, bs, seqs, torch.bfloat16, seed=bs + len(mode))
     kmin, kmax = kc.amin(1), kc.amax(1)
     scale = d ** -0.5
-    s_cuda = ops.page_scores(q, kmin, kmax, bt, sl, bs)
-    s_ref = ref.page_scores(q, kmin, kmax, bt, sl, bs)
-    live = torch.isfinite(s_ref)
-    assert torch.equal(live, torch.isfinite(s_cuda))
-    torch.testing.assert_close(s_cuda[live], s_ref[live], rtol=1e-4, atol=1e-3)
+    s_cuda = _checked_page_scores(q, kmin, kmax, bt, sl, bs)
     for budget in (2048, 1 << 20):
-        out = torch.full_like(q, float("nan"))
-        _, sel, nsel = ops.query_aware_decode(q, kc, vc, kmin, kmax, bt, sl, scale, bs, budget, out=out)
-        rsel, rn = ref.select_pages(s_cuda, sl, bs, budget)
-        assert torch.equal(nsel, rn)
-        for b in range(len(seqs)):
-            for h in range(hkv):
-                n = int(nsel[b, h])
-                got = sel[b, h, :n]
-                assert torch.equal(got, torch.sort(got).values) and (sel[b, h, n:] == -1).all()
-                a = torch.sort(s_cuda[b, h, got.long()]).values
-                w = torch.sort(s_cuda[b, h, rsel[b, h, :n].long()]).values
-                assert torch.equal(a, w)
-        assert torch.isfinite(out).all()
-        want = ref.sparse_paged_decode_attention(q.double(), kc.double(), vc.double(), bt, sl, sel, scale)
-        assert _rel(out, want) < 1e-2
+        out = _checked_query_aware_decode(q, kc, vc, kmin, kmax, bt, sl, scale, bs, budget, s_cuda)
     assert torch.equal(out, ops.paged_decode_attention(q, kc, vc, bt, sl, scale))   # full budget: dense
 
 
