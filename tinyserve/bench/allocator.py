@@ -71,6 +71,23 @@ def _free_without_hash(pool: Any) -> Any:
     return (b.ref_cnt == 0 and b.block_hash is None for b in pool.blocks[1:])
 
 
+def _track_allocating_request(manager: Any) -> list[Any]:
+    """Wrap `manager.allocate_slots`; the returned one-item list holds the vLLM Request being allocated
+    (None between calls)."""
+    current: list[Any] = [None]
+    allocate_slots = manager.allocate_slots
+
+    def tracking_allocate(request: Any, *args: Any, **kwargs: Any) -> Any:
+        current[0] = request
+        try:
+            return allocate_slots(request, *args, **kwargs)
+        finally:
+            current[0] = None
+
+    manager.allocate_slots = tracking_allocate
+    return current
+
+
 def _count_forced_breaks(manager: Any) -> dict[str, int]:
     """Count, per request, the allocations that no placement can keep contiguous under vLLM's free-queue
     order: the request already holds blocks of its own, every block has been used once, and a free block
@@ -83,20 +100,11 @@ def _count_forced_breaks(manager: Any) -> dict[str, int]:
     used[0] = 1
     own: dict[str, int] = {}
     forced: dict[str, int] = {}
-    current: list[Any] = [None]
-    allocate_slots = manager.allocate_slots
-
-    def tracking_allocate(request: Any, *args: Any, **kwargs: Any) -> Any:
-        current[0] = request.request_id
-        try:
-            return allocate_slots(request, *args, **kwargs)
-        finally:
-            current[0] = None
-
+    current = _track_allocating_request(manager)
     get_new_blocks = pool.get_new_blocks
 
     def counting_get_new_blocks(num_blocks: int) -> list:
-        rid = current[0]
+        rid = current[0].request_id if current[0] is not None else None
         if rid is not None and own.get(rid) and used.find(0) < 0:
             if any(_free_without_hash(pool)):
                 forced[rid] = forced.get(rid, 0) + 1
@@ -113,7 +121,6 @@ def _count_forced_breaks(manager: Any) -> dict[str, int]:
         own.pop(request.request_id, None)
         return free(request)
 
-    manager.allocate_slots = tracking_allocate
     pool.get_new_blocks = counting_get_new_blocks
     manager.free = forgetting_free
     return forced
@@ -161,15 +168,8 @@ def _count_run_causes(manager: Any) -> dict[str, int]:
     own: dict[str, int] = {}
     pending: dict[str, dict[str, int]] = {}
     totals = dict.fromkeys(RUN_CAUSES, 0)
-    current: list[Any] = [None]
-    allocate_slots, get_new_blocks, touch, free = manager.allocate_slots, pool.get_new_blocks, pool.touch, manager.free
-
-    def tracking_allocate(request: Any, *args: Any, **kwargs: Any) -> Any:
-        current[0] = request
-        try:
-            return allocate_slots(request, *args, **kwargs)
-        finally:
-            current[0] = None
+    current = _track_allocating_request(manager)
+    get_new_blocks, touch, free = pool.get_new_blocks, pool.touch, manager.free
 
     def cause_of_next(tail: int) -> str:
         nxt = tail + 1
@@ -231,7 +231,6 @@ def _count_run_causes(manager: Any) -> dict[str, int]:
                 totals[key] += value
         return free(request)
 
-    manager.allocate_slots = tracking_allocate
     pool.get_new_blocks = counting_get_new_blocks
     pool.touch = tracking_touch
     manager.free = tracking_free
