@@ -11,6 +11,7 @@ __all__ = ["main"]
 # `tinyserve bench <name>` runs `main(argv)` of the module named here.
 BENCHMARKS = {
     "allocator": "tinyserve.bench.allocator",
+    "offload": "tinyserve.bench.offload",
     "selection": "tinyserve.bench.selection",
     "kernels": "tinyserve.bench.kernels",
     "router": "tinyserve.bench.router",

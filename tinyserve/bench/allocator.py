@@ -12,7 +12,8 @@
    operation is timed alone; the median per operation is reported (robust on a shared machine, where a
    mean mostly measures time the process was descheduled), means are in the JSON too.
 3. What contiguity buys: each finished request's KV gathered into one buffer, as an offload or a transfer
-   would, by runs (one copy per run) and block by block, on CPU: copy calls per request and GB/s.
+   would, by runs (one copy per run) and block by block, on CPU: copy calls per request and GB/s
+   (`tinyserve bench offload` measures the same on a GPU, with the block-copy kernel too).
 
 Writes benchmarks/results/allocator-<date>.json and .png (scatter and runs per running request over time).
 """
@@ -33,9 +34,13 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["main", "replay", "op_cost", "offload_copy", "RUN_CAUSES"]
+__all__ = ["main", "replay", "op_cost", "RUN_CAUSES", "LOADS", "REPLAY"]
 
 RESULTS = Path("benchmarks/results")
+# Pool sizes of the two loads: the default trace peaks near a third of the moderate pool and at about two
+# thirds of the high one (with preemptions).
+LOADS = {"moderate": 2000, "high": 1000}
+REPLAY = {"seed": 1, "requests": 400, "block_size": 32}   # the default trace
 
 
 def _progress(message: str) -> None:
@@ -419,55 +424,6 @@ def op_cost(*, num_blocks: int, ops: int, seed: int, repeats: int = 3) -> dict[s
     return best
 
 
-def offload_copy(tables: list[list[int]], *, num_blocks: int, block_bytes: int, limit: int) -> dict[str, float]:
-    """Gather each request's blocks into one buffer, by runs and block by block (CPU, torch)."""
-    import torch
-
-    from tinyserve.engine.fragmentation import count_runs
-
-    elems = block_bytes // 2
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # one memcpy stream: calls, not thread start-up, are what differ
-    cache = torch.randn(num_blocks, elems, dtype=torch.float32).to(torch.float16)
-    chosen = [t for t in tables if t][:limit]
-    staging = torch.zeros(max(len(t) for t in chosen), elems, dtype=torch.float16)  # touched: no page faults
-
-    def by_runs(table: list[int]) -> int:
-        calls, offset, index = 0, 0, 0
-        while index < len(table):
-            end = index + 1
-            while end < len(table) and table[end] == table[end - 1] + 1:
-                end += 1
-            start_block = table[index]
-            staging[offset : offset + end - index].copy_(cache[start_block : start_block + end - index])
-            offset += end - index
-            index = end
-            calls += 1
-        return calls
-
-    def by_blocks(table: list[int]) -> int:
-        for offset, block_id in enumerate(table):
-            staging[offset].copy_(cache[block_id])
-        return len(table)
-
-    result: dict[str, float] = {"requests": len(chosen), "block_bytes": block_bytes}
-    total_bytes = sum(len(t) for t in chosen) * block_bytes
-    for table in chosen:  # warm-up pass
-        by_runs(table)
-        by_blocks(table)
-    for name, fn in (("by_runs", by_runs), ("by_blocks", by_blocks)):
-        elapsed = float("inf")
-        for _ in range(3):  # best of three
-            started = time.perf_counter()
-            calls = sum(fn(t) for t in chosen)
-            elapsed = min(elapsed, time.perf_counter() - started)
-        result[f"{name}_copy_calls_per_request"] = calls / len(chosen)
-        result[f"{name}_gb_per_s"] = total_bytes / elapsed / 1e9
-    result["runs_per_request"] = float(np.mean([count_runs(t) for t in chosen]))
-    torch.set_num_threads(threads)
-    return result
-
-
 def _machine() -> dict[str, Any]:
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
@@ -514,9 +470,9 @@ def _table(rows: list[tuple[str, ...]]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="tinyserve bench allocator", description=__doc__.splitlines()[0])
-    parser.add_argument("--seed", type=int, default=1)
-    parser.add_argument("--requests", type=int, default=400)
-    parser.add_argument("--block-size", type=int, default=32)
+    parser.add_argument("--seed", type=int, default=REPLAY["seed"])
+    parser.add_argument("--requests", type=int, default=REPLAY["requests"])
+    parser.add_argument("--block-size", type=int, default=REPLAY["block_size"])
     parser.add_argument("--ops", type=int, default=200_000, help="operations per cost measurement")
     parser.add_argument("--big-blocks", type=int, default=1_000_000)
     parser.add_argument("--out-dir", type=Path, default=RESULTS)
@@ -527,11 +483,11 @@ def main(argv: list[str] | None = None) -> int:
 
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
     from tinyserve.bench.kv_trace import make_trace
+    from tinyserve.bench.offload import LAYER_BLOCK_BYTES, gather_tables
     from tinyserve.engine.block_pool import uninstall_block_pool
 
     trace = make_trace(seed=args.seed, num_requests=args.requests)
-    # moderate: the trace peaks near a third of the pool; high: about two thirds, with preemptions
-    loads_cfg = {"moderate": 2000, "high": 1000}
+    loads_cfg = LOADS
     loads: dict[str, dict[str, Any]] = {}
     for load, num_blocks in loads_cfg.items():
         loads[load] = {}
@@ -546,9 +502,9 @@ def main(argv: list[str] | None = None) -> int:
             costs[name].append(measured[name])
     uninstall_block_pool()
     _progress("offload copy by runs vs block by block ...")
-    block_bytes = 32 * 4 * 64 * 2 * 2  # 32 tokens x 4 KV heads x 64 dims x (K, V) x fp16: one layer
     copies = {
-        name: offload_copy(loads["moderate"][name]["tables"], num_blocks=loads_cfg["moderate"], block_bytes=block_bytes, limit=200)
+        name: gather_tables(loads["moderate"][name]["tables"], num_blocks=loads_cfg["moderate"],
+                            block_bytes=LAYER_BLOCK_BYTES, limit=200)
         for name in ("vllm", "tinyserve")
     }
 
