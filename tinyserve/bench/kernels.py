@@ -20,9 +20,10 @@ import json
 import math
 import os
 import platform
-import subprocess
 import sys
 from pathlib import Path
+
+from tinyserve.bench import provenance
 
 HQ, HKV, D = 32, 8, 128
 VARIANTS = ("mma2", "mma3", "mma2x2", "simt")   # attention kernels timed beside the default (TINYSERVE_ATTN)
@@ -57,22 +58,6 @@ class _env:
 
 def _say(*a) -> None:
     print(*a, flush=True)
-
-
-def _commit() -> str:
-    """``TINYSERVE_COMMIT`` when set, else git's HEAD, marked ``+dirty`` when the package's files differ from
-    it (a copy of the tree on another machine may carry a stale repository)."""
-    if os.environ.get("TINYSERVE_COMMIT"):
-        return os.environ["TINYSERVE_COMMIT"]
-    here = Path(__file__).resolve().parent
-    try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
-                              cwd=here).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", str(here.parent)], capture_output=True,
-                               text=True, timeout=30, cwd=here).stdout.strip()
-    except Exception:  # noqa: BLE001
-        return "unknown"
-    return (head + ("+dirty" if dirty else "")) if head else "unknown"
 
 
 def _bencher():
@@ -424,7 +409,7 @@ def main(argv: list[str] | None = None) -> int:
     _say(f"device-to-device copy: {copy_gbs:.0f} GB/s (read + write)")
     rows: list = []
     result = {
-        "card": card, "torch": torch.__version__, "commit": _commit(), "timing": _method_note(method),
+        "card": card, "torch": torch.__version__, "commit": provenance.commit(), "timing": _method_note(method),
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(),
                     "sms": torch.cuda.get_device_properties(0).multi_processor_count},

@@ -29,6 +29,8 @@ from typing import Any
 
 import numpy as np
 
+from tinyserve.bench import provenance
+
 __all__ = ["gather_tables", "main", "make_tables", "table_runs"]
 
 RESULTS = Path("benchmarks/results")
@@ -121,7 +123,8 @@ def make_tables(path: Path, *, limit: int = 200) -> None:
     from tinyserve.engine.block_pool import uninstall_block_pool
 
     trace = make_trace(seed=REPLAY["seed"], num_requests=REPLAY["requests"])
-    out: dict[str, Any] = {"load": "moderate", "num_blocks": LOADS["moderate"], "block_size": REPLAY["block_size"],
+    out: dict[str, Any] = {"commit": provenance.commit(), "machine": provenance.machine(),
+                           "load": "moderate", "num_blocks": LOADS["moderate"], "block_size": REPLAY["block_size"],
                            "trace": REPLAY, "tables": {}}
     for name, ours in (("vllm", False), ("tinyserve", True)):
         print(f"[offload] replay (moderate load) through {name} pool ...", flush=True)
@@ -192,7 +195,9 @@ def main(argv: list[str] | None = None) -> int:
     card = torch.cuda.get_device_name() if device.startswith("cuda") else "cpu"
     stamp = dt.datetime.now(dt.timezone.utc)
     report = {"benchmark": "offload", "card": card, "date": stamp.isoformat(timespec="seconds"),
-              "tables": str(args.tables), "load": source["load"], "block_bytes": args.block_bytes, "pools": pools}
+              "commit": provenance.commit(), "machine": provenance.machine(card if card != "cpu" else None),
+              "tables": str(args.tables), "tables_commit": source.get("commit"), "load": source["load"],
+              "block_bytes": args.block_bytes, "pools": pools}
     args.out_dir.mkdir(parents=True, exist_ok=True)
     path = args.out_dir / f"offload-{card.replace(' ', '_')}-{stamp:%Y-%m-%dT%H%M%SZ}.json"
     path.write_text(json.dumps(report, indent=1))
