@@ -1,8 +1,8 @@
 """The query-aware decode pipeline at one grid point, for a profiler (Nsight Compute) on the GPU machine.
 
-Builds the kernel benchmark's inputs for one (B, context) with 64-token pages (`--block-size`) and runs the default sparse
-pipeline (page scores, selection, split-K attention) `--repeats` times, then the dense paged kernel once as
-a reference. Usage on the device:
+Builds the kernel benchmark's inputs for one (B, context) with 64-token pages (`--block-size`) and runs the
+default sparse pipeline (page scores, selection, split-K attention) `--repeats` times, then the dense paged
+kernel once as a reference. Usage on the device:
 
     ncu --clock-control none -k regex:"page_scores|select_pages|paged_decode" --launch-skip 3 \
         --launch-count 4 --section SpeedOfLight --section Occupancy --section WarpStateStats \

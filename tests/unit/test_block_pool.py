@@ -78,7 +78,9 @@ def test_invariants_under_random_traffic(num_blocks: int, requests, window: int,
 def test_without_prefix_caching_every_freed_block_is_placeable_again() -> None:
     manager = make_kv_manager(96, BLOCK, enable_caching=False)
     driver = KVDriver(manager, BLOCK, max_num_seqs=8, on_step=_check_ownership)
-    driver.run(make_trace(seed=3, num_requests=30, shared_prefix_tokens=(32, 96), user_tokens=(8, 200), output_tokens=(8, 120), max_tokens=160), max_steps=5000)
+    trace = make_trace(seed=3, num_requests=30, shared_prefix_tokens=(32, 96), user_tokens=(8, 200),
+                       output_tokens=(8, 120), max_tokens=160)
+    driver.run(trace, max_steps=5000)
     pool = manager.block_pool
     assert driver.finished == 30 and pool.get_num_free_blocks() == 95
     assert pool._runs.num_free == 95 and pool._lru.num_free_blocks == 0  # nothing cached, nothing held back

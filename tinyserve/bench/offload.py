@@ -186,7 +186,8 @@ def main(argv: list[str] | None = None) -> int:
             best["verified"] = best["verified"] and result["verified"]
     methods = [k[: -len("_gb_per_s")] for k in pools["vllm"] if k.endswith("_gb_per_s")]
     header = ("pool", "runs/request", *(f"{m} calls" for m in methods), *(f"{m} GB/s" for m in methods), "verified")
-    rows = [header] + [(name, f"{r['runs_per_request']:.2f}", *(f"{r[m + '_copy_calls_per_request']:.2f}" for m in methods),
+    rows = [header] + [(name, f"{r['runs_per_request']:.2f}",
+                        *(f"{r[m + '_copy_calls_per_request']:.2f}" for m in methods),
                         *(f"{r[m + '_gb_per_s']:.2f}" for m in methods), str(r["verified"]))
                        for name, r in pools.items()]
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
@@ -201,7 +202,8 @@ def main(argv: list[str] | None = None) -> int:
     args.out_dir.mkdir(parents=True, exist_ok=True)
     path = args.out_dir / f"offload-{card.replace(' ', '_')}-{stamp:%Y-%m-%dT%H%M%SZ}.json"
     path.write_text(json.dumps(report, indent=1))
-    _plot(pools, methods, f"gathering finished requests' KV, {args.block_bytes} B blocks, {card}", path.with_suffix(".png"))
+    title = f"gathering finished requests' KV, {args.block_bytes} B blocks, {card}"
+    _plot(pools, methods, title, path.with_suffix(".png"))
     print(f"[offload] wrote {path} and .png")
     return 0 if all(r["verified"] for r in pools.values()) else 1
 

@@ -626,8 +626,8 @@ class BestFitBlockPool(BlockPool):
         expected size (else what is needed now) and starts with an old block; regions opened at the LRU
         head, extended down over old blocks so that a region of the expected size ends at the head (its
         blocks freed together with the head, if the request that freed them was contiguous); plain LRU
-        (`_pick_eviction`) when the head was hit. When the LRU holds no block (every free block lies in a room), the rooms go back to the LRU.
-        What is left of `size` afterwards becomes the request's room."""
+        (`_pick_eviction`) when the head was hit. When the LRU holds no block (every free block lies in a
+        room), the rooms go back to the LRU. What is left of `size` afterwards becomes the request's room."""
         out: list[int] = []
         in_lru, hits, serial = self._in_lru, self._hits, self._serial
         limit = self._age_limit()
