@@ -100,7 +100,8 @@ def _checked_query_aware_decode(q, kc, vc, kmin, kmax, bt, sl, scale, bs, budget
     return out
 
 
-@pytest.mark.parametrize("variant", [("mma", "last"), ("mma3", "fused"), ("mma2", "two_pass"), ("simt", "two_pass")])
+@pytest.mark.parametrize("variant", [("mma", "last"), ("mma3", "fused"), ("mma2", "two_pass"), ("simt", "two_pass"),
+                                     ("mma", "coop"), ("mma3", "coop")])
 @pytest.mark.parametrize("cfg", CONFIGS[:4] + CONFIGS[-2:])
 @pytest.mark.parametrize("budget", [64, 256, 1024, 1 << 20])
 def test_query_aware_decode(cfg, budget, variant, monkeypatch):
@@ -118,7 +119,7 @@ def test_query_aware_decode(cfg, budget, variant, monkeypatch):
         assert torch.equal(out, dense)
 
 
-@pytest.mark.parametrize("mode", ["fused", "last", "two_pass"])
+@pytest.mark.parametrize("mode", ["fused", "last", "two_pass", "coop"])
 @pytest.mark.parametrize("bs", [128, 256])
 def test_large_pages_long_rows(bs, mode, monkeypatch):
     """128- and 256-token pages on rows of up to 300 pages (past the 256 pages of the fused mode's regime) in
@@ -180,21 +181,73 @@ def test_select_pages_tie_rule():
 
 
 def test_fused_selection_equals_two_pass(monkeypatch):
-    """Both one-launch scoring + selection kernels pick exactly the pages of page_scores + select_pages
-    (same arithmetic), twice in a row (the tickets reset)."""
+    """The one-launch scoring + selection kernels and the one-launch decode pick exactly the pages of
+    page_scores + select_pages (same arithmetic), twice in a row (the tickets and barriers reset); the
+    outputs are bitwise equal (same split plan)."""
     bs = 16
     seqs = (3000 * bs + 5, 40, 900 * bs)
     q, kc, vc, bt, sl = _case(len(seqs), 32, 8, 128, bs, seqs, torch.bfloat16, seed=11)
     kmin, kmax = kc.amin(1), kc.amax(1)
     got = {}
-    for mode in ("last", "fused", "two_pass"):
+    for mode in ("last", "fused", "two_pass", "coop"):
         monkeypatch.setenv("TINYSERVE_SELECT", mode)
         for _ in range(2):
             out, sel, nsel = ops.query_aware_decode(q, kc, vc, kmin, kmax, bt, sl, 128 ** -0.5, bs, 128 * bs)
         got[mode] = (out, sel, nsel)
-    for mode in ("last", "fused"):
+    for mode in ("last", "fused", "coop"):
         assert torch.equal(got[mode][1], got["two_pass"][1]) and torch.equal(got[mode][2], got["two_pass"][2])
         assert torch.equal(got[mode][0], got["two_pass"][0])
+
+
+@pytest.mark.parametrize("splits", [None, "1", "3"])
+def test_coop_decode_repeats_and_graph(splits, monkeypatch):
+    """The one-launch query-aware decode (rows scoring together behind a barrier) runs: it agrees bitwise with
+    the two-launch pipeline over repeated calls and CUDA-graph replays, with one split, an odd split count
+    (the barrier's count resets whatever the split count) and the plan's."""
+    if splits:
+        monkeypatch.setenv("TINYSERVE_SPLITS", splits)
+    bs, budget = 64, 1024
+    seqs = (9000, 1, 4097, 300)
+    q, kc, vc, bt, sl = _case(len(seqs), 32, 8, 128, bs, seqs, torch.bfloat16, seed=31)
+    kmin, kmax = kc.amin(1), kc.amax(1)
+    monkeypatch.setenv("TINYSERVE_SELECT", "two_pass")
+    want = ops.query_aware_decode(q, kc, vc, kmin, kmax, bt, sl, 128 ** -0.5, bs, budget)
+    monkeypatch.setenv("TINYSERVE_SELECT", "coop")
+    for _ in range(3):
+        got = ops.query_aware_decode(q, kc, vc, kmin, kmax, bt, sl, 128 ** -0.5, bs, budget)
+        for a, w in zip(got, want):
+            assert torch.equal(a, w)
+    out = torch.full_like(q, float("nan"))
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        ops.query_aware_decode(q, kc, vc, kmin, kmax, bt, sl, 128 ** -0.5, bs, budget, out=out)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        _, sel, nsel = ops.query_aware_decode(q, kc, vc, kmin, kmax, bt, sl, 128 ** -0.5, bs, budget, out=out)
+    out.fill_(float("nan"))
+    sel.fill_(-7)
+    for _ in range(3):
+        graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, want[0]) and torch.equal(sel, want[1]) and torch.equal(nsel, want[2])
+
+
+def test_coop_decode_leaves_merge_tickets_alone(monkeypatch):
+    """The one-launch decode's barriers never touch the split merge's tickets: a larger batch's dense
+    attention after it is bitwise what it was before (a barrier's generation left in a ticket made the merge
+    start before every split had written)."""
+    seqs = (5000,) * 12
+    q, kc, vc, bt, sl = _case(len(seqs), 32, 8, 128, 16, seqs, torch.bfloat16, seed=41)
+    before = ops.paged_decode_attention(q, kc, vc, bt, sl, 128 ** -0.5)
+    small = (9000, 700)
+    q2, kc2, vc2, bt2, sl2 = _case(len(small), 32, 8, 128, 64, small, torch.bfloat16, seed=42)
+    monkeypatch.setenv("TINYSERVE_SELECT", "coop")
+    for _ in range(3):
+        ops.query_aware_decode(q2, kc2, vc2, kc2.amin(1), kc2.amax(1), bt2, sl2, 128 ** -0.5, 64, 1024)
+    for _ in range(3):
+        assert torch.equal(ops.paged_decode_attention(q, kc, vc, bt, sl, 128 ** -0.5), before)
 
 
 @pytest.mark.parametrize("variant", ["mma2", "mma3", "mma2x2"])

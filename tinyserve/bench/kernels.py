@@ -31,6 +31,7 @@ VARIANTS = ("mma2", "mma3", "mma2x2", "simt")   # attention kernels timed beside
 SPARSE_VARIANTS = {
     "mma2x2_last": {"TINYSERVE_ATTN": "mma2x2", "TINYSERVE_SELECT": "last"},
     "mma2x2_fused": {"TINYSERVE_ATTN": "mma2x2", "TINYSERVE_SELECT": "fused"},
+    "mma2x2_coop": {"TINYSERVE_ATTN": "mma2x2", "TINYSERVE_SELECT": "coop"},
     "mma2_two_pass": {"TINYSERVE_ATTN": "mma2", "TINYSERVE_SELECT": "two_pass"},
     "simt_two_pass": {"TINYSERVE_ATTN": "simt", "TINYSERVE_SELECT": "two_pass"},
 }

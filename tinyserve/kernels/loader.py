@@ -33,9 +33,14 @@ def available() -> bool:
     return _cupy() is not None
 
 
+# sources whose kernels call device functions of another source (compiled in front of them)
+_NEEDS = {"paged_attention.cu": ("page_select.cu",)}
+
+
 @functools.lru_cache(maxsize=None)
 def _source(name: str) -> str:
-    return (_CSRC / _COMMON).read_text() + "\n" + (_CSRC / name).read_text()
+    parts = (_COMMON, *_NEEDS.get(name, ()), name)
+    return "\n".join((_CSRC / part).read_text() for part in parts)
 
 
 @functools.lru_cache(maxsize=None)

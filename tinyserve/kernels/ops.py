@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -46,6 +47,8 @@ _MIN_TOKENS_PER_SPLIT = 64
 _TOKENS_PER_SPLIT = 1024
 _MMA_DEFAULT = "mma2x2"  # default tensor-core kernel: 2 CTAs per multiprocessor, 2 steps loaded together
 _FUSED_SELECT_MAX_CANDIDATES = 8192   # SEL_SMEM_KEYS in page_select.cu
+_COOP_MAX_SMEM = 40 * 1024   # dynamic shared memory of the one-launch query-aware decode, at most
+_COOP_MAX_CANDIDATES = 256   # longest rows (pages - sinks - last) the one-launch decode takes by default
 _METADATA_SMALL_WRITE = 512   # tokens up to which each metadata-merge thread folds one token (decode steps)
 
 
@@ -115,13 +118,16 @@ def plan_splits_mma(pairs: int, list_pages: int, block_size: int, resident_ctas:
 
 
 _COUNTERS: dict[int, list[Tensor]] = {}
+# the one-launch decode's row barriers: (count, generation) at [2 * row], [2 * row + 1] in a buffer of their
+# own (a generation is never reset, so it must not land where a ticket expects 0)
+_BARRIERS: dict[int, list[Tensor]] = {}
 
 
-def _counters(n: int, device: torch.device) -> Tensor | None:
-    """Zeroed int32 tickets (>= n) for the fused split merge of ``device``, or None while a graph is being
-    captured and no buffer is large enough yet (then the separate reduce runs). Buffers are never freed:
-    captured graphs keep their addresses."""
-    bufs = _COUNTERS.setdefault(device.index or 0, [])
+def _counters(n: int, device: torch.device, pool: dict[int, list[Tensor]] = _COUNTERS) -> Tensor | None:
+    """Zeroed int32 tickets (>= n) of ``pool`` (the fused split merge's by default) on ``device``, or None
+    while a graph is being captured and no buffer is large enough yet (then the caller takes another path).
+    Buffers are never freed: captured graphs keep their addresses. Ticket users leave their entries at 0."""
+    bufs = pool.setdefault(device.index or 0, [])
     if bufs and bufs[-1].numel() >= n:
         return bufs[-1]
     if torch.cuda.is_current_stream_capturing():
@@ -130,27 +136,56 @@ def _counters(n: int, device: torch.device) -> Tensor | None:
     return bufs[-1]
 
 
+class _CoopSelection(NamedTuple):
+    """What the one-launch query-aware decode needs besides the attention's inputs."""
+
+    key_min: Tensor
+    key_max: Tensor
+    num_sinks: int
+
+
 def _attention(query: Tensor, key_cache: Tensor, value_cache: Tensor, block_tables: Tensor,
                seq_lens: Tensor, selected: Tensor | None, num_selected: Tensor | None, scale: float,
-               out: Tensor | None) -> Tensor:
+               out: Tensor | None, coop: _CoopSelection | None = None) -> Tensor | None:
+    """Split-K paged decode attention over every page (selected None) or the selected pages. With `coop`,
+    the same launch first scores and selects the pages into `selected` / `num_selected` (outputs then);
+    returns None, launching nothing, when that cannot run here (grid larger than the GPU holds at once)."""
     b, hq, d = query.shape
     bs, hkv = key_cache.shape[1], key_cache.shape[2]
     g = hq // hkv
     t = _TYPES[query.dtype]
     max_list = selected.shape[-1] if selected is not None else block_tables.shape[1]
     variant = _attn_variant()
-    if out is None:
-        out = torch.empty_like(query)
+    if coop is not None and not variant.startswith("mma"):
+        return None
     if variant.startswith("mma"):
         minb, nsub = _mma_shape(variant)
-        splits, pps = plan_splits_mma(b * hkv, max_list, bs, minb * loader.num_sms(query.device.index or 0))
+        resident = minb * loader.num_sms(query.device.index or 0)
+        splits, pps = plan_splits_mma(b * hkv, max_list, bs, resident)
         if os.environ.get("TINYSERVE_SPLITS"):   # a fixed split count, for measuring the plan against others
             pps = math.ceil(max_list / min(max_list, int(os.environ["TINYSERVE_SPLITS"])))
             splits = math.ceil(max_list / pps)
-        counters = _counters(b * hkv, query.device) if splits > 1 else None
+        smem = (8 if selected is not None else 4) * pps   # the split's block ids (and logical pages)
+        if coop is not None:
+            max_pages = block_tables.shape[1]
+            smem += 4 * (max_list + 2 * max_pages)        # the row's selection, block ids and candidates' keys
+            if splits * b * hkv > resident or smem > _COOP_MAX_SMEM:
+                return None
+            counters = _counters(b * hkv, query.device)
+            barriers = _counters(2 * b * hkv, query.device, _BARRIERS)
+            if counters is None or barriers is None:
+                return None
+            scores = torch.empty(b * hkv * max_pages, dtype=torch.float32, device=query.device)
+            coop_args = (_p(coop.key_min), _p(coop.key_max), _p(scores), _p(barriers), _i(max_pages),
+                         _i(coop.num_sinks))
+        else:
+            counters = _counters(b * hkv, query.device) if splits > 1 else None
+            coop_args = (_p(None), _p(None), _p(None), _p(None), _i(0), _i(0))
     else:
         splits, pps = plan_splits(b, hkv, max_list, bs)
         counters = None
+    if out is None:
+        out = torch.empty_like(query)
     if splits > 1:
         part_acc = torch.empty(b, hq, splits, d, dtype=torch.float32, device=query.device)
         part_ml = torch.empty(b, hq, splits, 2, dtype=torch.float32, device=query.device)
@@ -160,10 +195,10 @@ def _attention(query: Tensor, key_cache: Tensor, value_cache: Tensor, block_tabl
               _p(num_selected), _i(block_tables.stride(0)), _i(max_list if selected is not None else 0), _i(hkv),
               _i(bs.bit_length() - 1), _i(pps), np.float32(scale * _LOG2E), _p(part_acc), _p(part_ml))
     if variant.startswith("mma"):
-        fn = loader.kernel("paged_attention.cu", f"paged_decode_mma<{t},{d},{g},{minb},{nsub}>")
-        # block ids of the split's pages, and with a selection their logical page numbers
-        loader.launch(fn, (splits, hkv, b), (128,), common + (_p(counters), _p(out)),
-                      shared_mem=(8 if selected is not None else 4) * pps)
+        flag = "true" if coop is not None else "false"
+        fn = loader.kernel("paged_attention.cu", f"paged_decode_mma<{t},{d},{g},{minb},{nsub},{flag}>")
+        loader.launch(fn, (splits, hkv, b), (128,), common + (_p(counters),) + coop_args + (_p(out),),
+                      shared_mem=smem)
     else:
         unroll = 4 if g <= 4 else 2
         fn = loader.kernel("paged_attention.cu", f"paged_decode_attention<{t},{d},{g},{unroll}>")
@@ -240,12 +275,22 @@ def query_aware_decode(query: Tensor, key_cache: Tensor, value_cache: Tensor, ke
                        block_size: int, budget_tokens: int, num_sink_pages: int = 1,
                        out: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """Score, select (``score_and_select_pages``) and attend: (out, selected, num_selected); on CUDA the
-    split-K attention's last CTA per KV head merges the splits."""
+    split-K attention's last CTA per KV head merges the splits. In selection mode ``coop`` the scoring and
+    selection run inside the attention's launch when its grid fits the GPU at once (else as above)."""
     if not (cuda_enabled(query, key_cache, value_cache) and _attn_ok(query, key_cache)):
         r, s, n = reference.query_aware_decode(query, key_cache, value_cache, key_min, key_max, block_tables,
                                                seq_lens, scale, block_size, budget_tokens, num_sink_pages)
         return (r if out is None else out.copy_(r)), s, n
     bt, sl = _i32(block_tables), _i32(seq_lens)
+    b = query.shape[0]
+    if (selection_mode(b * key_min.shape[1], bt.shape[1], query.device.index or 0) == "coop"
+            and _scorable(query, key_min, block_size)):
+        _, sel, nsel = _selection_buffers(b, key_min.shape[1], bt.shape[1], block_size, budget_tokens,
+                                          num_sink_pages, query.device)
+        o = _attention(query.contiguous(), key_cache, value_cache, bt, sl, sel, nsel, scale, out,
+                       coop=_CoopSelection(key_min.contiguous(), key_max.contiguous(), num_sink_pages))
+        if o is not None:
+            return o, sel, nsel
     sel, nsel = score_and_select_pages(query, key_min, key_max, bt, sl, block_size, budget_tokens, num_sink_pages)
     o = _attention(query.contiguous(), key_cache, value_cache, bt, sl, sel, nsel, scale, out)
     return o, sel, nsel
@@ -253,16 +298,31 @@ def query_aware_decode(query: Tensor, key_cache: Tensor, value_cache: Tensor, ke
 
 def selection_mode(rows: int, pages: int, device: int = 0) -> str:
     """How the CUDA path scores and selects ``pages`` pages for each of ``rows`` (sequence, KV head) pairs:
-    ``TINYSERVE_SELECT`` when set, else the fastest mode measured per regime (H100, round 4 of
-    benchmarks/KERNEL_NOTES.md): ``fused`` (one CTA per row scores and selects) for rows of at most 256
-    pages or when the rows alone fill the multiprocessors; ``last`` (scoring over many CTAs, the last CTA
-    of a row selects, one launch) while rows x pages <= 32768; else ``two_pass`` (a scoring launch, then a
-    selection launch)."""
+    ``TINYSERVE_SELECT`` when set; else ``coop`` for rows of at most _COOP_MAX_CANDIDATES candidates (scoring
+    and selection inside query_aware_decode's attention launch where the grid fits the GPU at once, else
+    the regime's mode; measured faster there on the H100, slower on longer rows: round 7 of
+    benchmarks/KERNEL_NOTES.md); else ``_selection_regime``."""
     if os.environ.get("TINYSERVE_SELECT"):
         return os.environ["TINYSERVE_SELECT"]
+    if pages - 2 <= _COOP_MAX_CANDIDATES:
+        return "coop"
+    return _selection_regime(rows, pages, device)
+
+
+def _selection_regime(rows: int, pages: int, device: int = 0) -> str:
+    """The fastest selection launch measured per regime (H100, round 4 of benchmarks/KERNEL_NOTES.md):
+    ``fused`` (one CTA per row scores and selects) for rows of at most 256 pages or when the rows alone fill
+    the multiprocessors; ``last`` (scoring over many CTAs, the last CTA of a row selects, one launch) while
+    rows x pages <= 32768; else ``two_pass`` (a scoring launch, then a selection launch)."""
     if pages <= 256 or rows >= loader.num_sms(device):
         return "fused"
     return "last" if rows * pages <= 32768 else "two_pass"
+
+
+def _scorable(query: Tensor, key_min: Tensor, block_size: int) -> bool:
+    """Whether the CUDA scoring kernels take these shapes and types."""
+    return (key_min.dtype == query.dtype and query.dtype in _TYPES and query.shape[-1] in (64, 128)
+            and query.shape[1] // key_min.shape[1] in (1, 2, 4, 8) and block_size & (block_size - 1) == 0)
 
 
 def score_and_select_pages(query: Tensor, key_min: Tensor, key_max: Tensor, block_tables: Tensor,
@@ -276,6 +336,8 @@ def score_and_select_pages(query: Tensor, key_min: Tensor, key_max: Tensor, bloc
         return reference.select_pages(scores, sl, block_size, budget_tokens, num_sink_pages)
     rows = bt.shape[0] * key_min.shape[1]
     mode = mode or selection_mode(rows, bt.shape[1], query.device.index or 0)
+    if mode == "coop":   # (only inside query_aware_decode's launch): the regime's own mode here
+        mode = _selection_regime(rows, bt.shape[1], query.device.index or 0)
     fusable = (key_min.dtype == query.dtype and bt.shape[1] - 2 <= _FUSED_SELECT_MAX_CANDIDATES
                and query.shape[-1] in (64, 128) and query.dtype in _TYPES)
     counters = _counters(rows, query.device) if fusable and mode == "last" else None
@@ -378,12 +440,13 @@ def free_run_stats_device(used: Tensor) -> Tensor:
     n = used.numel()
     u = used.reshape(-1).contiguous()
     u = u.view(torch.uint8) if u.dtype == torch.bool else (u != 0).view(torch.uint8)
-    nparts = max(1, math.ceil(n / (256 * 256)))   # FR_THREADS x FR_BYTES blocks a CTA
+    vecs = 32 if n >= 64 << 20 else 16            # 16-byte loads a thread
+    nparts = max(1, math.ceil(n / (256 * 16 * vecs)))   # FR_THREADS x FR_BYTES blocks a CTA
     partial = torch.empty(nparts * 6, dtype=torch.int64, device=used.device)
     result = torch.empty(3, dtype=torch.int64, device=used.device)
-    loader.launch(loader.kernel("free_runs.cu", "free_runs_partial"), (nparts,), (256,),
+    loader.launch(loader.kernel("free_runs.cu", f"free_runs_partial<{vecs}>"), (nparts,), (256,),
                   (_p(u), np.int64(n), _p(partial)))
-    loader.launch(loader.kernel("free_runs.cu", "free_runs_finish"), (1,), (256,),
+    loader.launch(loader.kernel("free_runs.cu", "free_runs_finish"), (1,), (1024,),
                   (_p(partial), _i(nparts), _p(result)))
     return result
 

@@ -12,6 +12,7 @@ struct f16_t {};
 
 template <typename T> struct Elt;
 template <> struct Elt<bf16_t> {
+  static constexpr bool is_bf16 = true;
   static __device__ __forceinline__ float lo(u32 w) { return __uint_as_float(w << 16); }
   static __device__ __forceinline__ float hi(u32 w) { return __uint_as_float(w & 0xffff0000u); }
   static __device__ __forceinline__ float one(u16 h) { return __uint_as_float(((u32)h) << 16); }
@@ -20,6 +21,7 @@ template <> struct Elt<bf16_t> {
   }
 };
 template <> struct Elt<f16_t> {
+  static constexpr bool is_bf16 = false;
   static __device__ __forceinline__ float one(u16 h) {
     float f; asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h)); return f;
   }

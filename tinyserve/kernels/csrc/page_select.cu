@@ -89,7 +89,8 @@ __device__ __forceinline__ u32 order_key(float f) {
 #define SEL_THREADS 512
 #define SEL_SMEM_KEYS 8192
 
-// Block-wide exclusive prefix count of `flag`; returns this thread's prefix, total via *total.
+// Block-wide exclusive prefix count of `flag` over NT threads; returns this thread's prefix, total via *total.
+template <int NT>
 __device__ __forceinline__ int block_prefix(bool flag, int *s_warp, int *total) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   u32 bal = __ballot_sync(0xffffffffu, flag);
@@ -97,15 +98,15 @@ __device__ __forceinline__ int block_prefix(bool flag, int *s_warp, int *total) 
   if (lane == 0) s_warp[warp] = __popc(bal);
   __syncthreads();
   if (warp == 0) {
-    int v = lane < (SEL_THREADS / 32) ? s_warp[lane] : 0;
+    int v = lane < (NT / 32) ? s_warp[lane] : 0;
     int incl = v;
 #pragma unroll
     for (int o = 1; o < 32; o <<= 1) {
       int n = __shfl_up_sync(0xffffffffu, incl, o);
       if (lane >= o) incl += n;
     }
-    if (lane < (SEL_THREADS / 32)) s_warp[lane] = incl - v;
-    if (lane == (SEL_THREADS / 32) - 1) s_warp[32] = incl;
+    if (lane < (NT / 32)) s_warp[lane] = incl - v;
+    if (lane == (NT / 32) - 1) s_warp[32] = incl;
   }
   __syncthreads();
   int r = s_warp[warp] + before;
@@ -116,7 +117,8 @@ __device__ __forceinline__ int block_prefix(bool flag, int *s_warp, int *total) 
 
 // The `need` best candidates [c0, c1) by key (from s_keys when cached, else from sc), plus the pages
 // outside [c0, c1) (sinks and the last page), written ascending to out[0..k), -1 padded; count to
-// *nsel_row. Called by all SEL_THREADS threads of the block; keys must be visible (after a barrier).
+// *nsel_row. Called by all NT threads of the block; keys must be visible (after a barrier).
+template <int NT>
 __device__ void select_core(const u32 *s_keys, bool cached, const float *sc, int npages, int c0, int c1,
                             int need, int k, int *__restrict__ out, int *__restrict__ nsel_row, int *s_hist,
                             int *s_warp, u32 *s_prefix, u32 *s_remaining) {
@@ -127,10 +129,10 @@ __device__ void select_core(const u32 *s_keys, bool cached, const float *sc, int
   u32 mask = 0u;
   if (need > 0) {
     for (int shift = 24; shift >= 0; shift -= 8) {
-      for (int j = tid; j < 256; j += SEL_THREADS) s_hist[j] = 0;
+      for (int j = tid; j < 256; j += NT) s_hist[j] = 0;
       __syncthreads();
       const u32 prefix = (*s_prefix);
-      for (int j0 = 0; j0 < c1 - c0; j0 += SEL_THREADS) {   // warp-uniform trip count (match_any)
+      for (int j0 = 0; j0 < c1 - c0; j0 += NT) {   // warp-uniform trip count (match_any)
         const int j = j0 + tid;
         u32 digit = 256u;                                     // 256: not counted
         if (j < c1 - c0) {
@@ -174,7 +176,7 @@ __device__ void select_core(const u32 *s_keys, bool cached, const float *sc, int
   const u32 thresh = (*s_prefix);
   const int ties = need > 0 ? (int)(*s_remaining) : 0;
   int written = 0, ties_seen = 0;
-  for (int base = 0; base < npages; base += SEL_THREADS) {
+  for (int base = 0; base < npages; base += NT) {
     const int p = base + tid;
     bool in = p < npages;
     bool take = false, tie = false;
@@ -188,15 +190,15 @@ __device__ void select_core(const u32 *s_keys, bool cached, const float *sc, int
       }
     }
     int tie_total;
-    int tie_rank = ties_seen + block_prefix(tie, s_warp, &tie_total);
+    int tie_rank = ties_seen + block_prefix<NT>(tie, s_warp, &tie_total);
     take = take || (tie && tie_rank < ties);
     ties_seen += tie_total;
     int tot;
-    int pos = written + block_prefix(take, s_warp, &tot);
+    int pos = written + block_prefix<NT>(take, s_warp, &tot);
     if (take) out[pos] = p;
     written += tot;
   }
-  for (int j = written + tid; j < k; j += SEL_THREADS) out[j] = -1;
+  for (int j = written + tid; j < k; j += NT) out[j] = -1;
   if (tid == 0) *nsel_row = written;
 }
 
@@ -223,7 +225,7 @@ __global__ void __launch_bounds__(SEL_THREADS) select_pages(
   const bool cached = (c1 - c0) <= SEL_SMEM_KEYS;
   if (cached)
     for (int j = tid; j < c1 - c0; j += SEL_THREADS) s_keys[j] = order_key(sc[c0 + j]);
-  select_core(s_keys, cached, sc, npages, c0, c1, k - num_sinks - 1, k, out, nsel + row, s_hist, s_warp,
+  select_core<SEL_THREADS>(s_keys, cached, sc, npages, c0, c1, k - num_sinks - 1, k, out, nsel + row, s_hist, s_warp,
               &s_prefix, &s_remaining);
 }
 
@@ -296,7 +298,7 @@ __global__ void __launch_bounds__(SEL_THREADS) score_select_pages(
       }
     }
   }
-  select_core(s_keys, true, nullptr, npages, c0, c1, need, k, out, nsel + row, s_hist, s_warp, &s_prefix,
+  select_core<SEL_THREADS>(s_keys, true, nullptr, npages, c0, c1, need, k, out, nsel + row, s_hist, s_warp, &s_prefix,
               &s_remaining);
 }
 
@@ -355,6 +357,108 @@ __global__ void __launch_bounds__(SEL_THREADS) score_pages_select_last(
   const int c0 = num_sinks, c1 = npages - 1;
   if (need > 0)
     for (int j = tid; j < c1 - c0; j += SEL_THREADS) s_keys[j] = order_key(__ldcg(sc + c0 + j));
-  select_core(s_keys, true, nullptr, npages, c0, c1, need, k, out, nsel + row, s_hist, s_warp, &s_prefix,
+  select_core<SEL_THREADS>(s_keys, true, nullptr, npages, c0, c1, need, k, out, nsel + row, s_hist, s_warp, &s_prefix,
               &s_remaining);
+}
+
+// Scoring and selection inside the one-launch query-aware decode (paged_decode_mma with COOP = true), by
+// the NT threads of one of the S CTAs of a (sequence, KV head) row: the CTA scores its share of the row's
+// candidate pages (page_scores' arithmetic) into `sc` (the row's scores in global memory), the S CTAs meet
+// at the row's barrier, and every CTA then selects the row's pages itself from the scores in L2
+// (select_core; the same pages in every CTA and in every selection mode) into shared memory `s_sel` [k].
+// Returns the number of pages selected; s_sel is visible to the whole block on return. Rows of at most NT
+// candidates rank each candidate by counting the ones before it (the same pages as select_core).
+//
+// The barrier: `count` (0 between launches: the last CTA to arrive resets it) and `generation` (raised by
+// that last CTA; the others wait for it to move). Waiting needs the row's S CTAs resident together: the
+// host launches this only when the whole grid fits on the multiprocessors at once.
+template <typename T, int D, int G, int NT>
+__device__ int coop_select_row(const u16 *__restrict__ q, const u16 *__restrict__ kmin,
+                               const u16 *__restrict__ kmax, const int *__restrict__ btr, int npages, int b,
+                               int h, int hkv, int split, int S, int k, int num_sinks, float *sc,
+                               unsigned *count, unsigned *generation, u32 *s_keys, int *s_sel) {
+  __shared__ int s_hist[256];
+  __shared__ int s_warp[33];
+  __shared__ u32 s_prefix, s_remaining;
+  __shared__ int s_n;
+  const int tid = threadIdx.x;
+  if (npages <= k) {                         // every page fits: the whole row, no scores needed
+    for (int j = tid; j < k; j += NT) s_sel[j] = j < npages ? j : -1;
+    __syncthreads();
+    return npages;
+  }
+  const int c0 = num_sinks, c1 = npages - 1, need = k - num_sinks - 1;
+  if (need > 0) {
+    constexpr int LANES = D / 8, GPC = NT / LANES, U = 4;   // U pages a lane group has in flight
+    const int lane = tid % LANES, pg = tid / LANES;
+    const int share = (c1 - c0 + S - 1) / S;
+    const int lo = c0 + split * share, hi = min(c1, lo + share);
+    if (lo < hi) {
+      float qp[8], qn[8];
+      group_query_parts<T, D, G>(q, b, h, hkv, lane, qp, qn);
+      for (int first = lo; first < hi; first += GPC * U) {
+        uint4 rmin[U], rmax[U];
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+          const int p = first + u * GPC + pg;
+          if (p < hi) {
+            const size_t off = ((size_t)btr[p] * hkv + h) * D + lane * 8;
+            rmin[u] = ldg16(kmin + off);
+            rmax[u] = ldg16(kmax + off);
+          }
+        }
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+          const int p = first + u * GPC + pg;
+          const float s = page_score<T, LANES>(rmin[u], rmax[u], qp, qn, p < hi);
+          if (lane == 0 && p < hi) sc[p] = s;
+        }
+      }
+    }
+    __syncthreads();                         // the CTA's scores are written
+    if (tid == 0) {
+      unsigned gen;
+      asm volatile("ld.acquire.gpu.u32 %0, [%1];" : "=r"(gen) : "l"(generation));
+      __threadfence();                       // the scores before the arrival
+      if (atomicAdd(count, 1u) == (unsigned)S - 1) {
+        *count = 0u;
+        __threadfence();
+        atomicAdd(generation, 1u);
+      } else {
+        unsigned now;
+        do { asm volatile("ld.acquire.gpu.u32 %0, [%1];" : "=r"(now) : "l"(generation)); } while (now == gen);
+      }
+      __threadfence();
+    }
+    __syncthreads();
+    for (int j = tid; j < c1 - c0; j += NT) s_keys[j] = order_key(__ldcg(sc + c0 + j));
+    if (c1 - c0 <= NT) {   // one candidate a thread: rank by count, one pass instead of four radix rounds
+      __syncthreads();
+      int written = 0;
+      for (int base = 0; base < npages; base += NT) {
+        const int p = base + tid;
+        bool take = p < npages && (p < c0 || p == c1);
+        if (p >= c0 && p < c1) {
+          const u32 key = s_keys[p - c0];
+          int ahead = 0;                     // candidates ranked before p: larger keys, ties at lower pages
+          for (int j = 0; j < c1 - c0; ++j) {
+            const u32 other = s_keys[j];
+            ahead += other > key || (other == key && j < p - c0);
+          }
+          take = ahead < need;
+        }
+        int total;
+        const int pos = written + block_prefix<NT>(take, s_warp, &total);
+        if (take) s_sel[pos] = p;
+        written += total;
+      }
+      for (int j = written + tid; j < k; j += NT) s_sel[j] = -1;
+      __syncthreads();
+      return written;
+    }
+  }
+  select_core<NT>(s_keys, true, nullptr, npages, c0, c1, need, k, s_sel, &s_n, s_hist, s_warp, &s_prefix,
+                  &s_remaining);
+  __syncthreads();
+  return s_n;
 }

@@ -215,13 +215,18 @@ __global__ void __launch_bounds__(D) paged_decode_reduce(
 // With counters != null and S > 1, the last CTA of each (b, KV head) to finish (atomic ticket, reset to
 // 0 by that CTA) merges the S partials and writes the output, so no reduce launch is needed; counters
 // must start at 0 and be used by one launch at a time.
-template <typename T, int D, int G, int MINB, int NSUB>
+// COOP (query-aware decode in one launch): the CTAs of a row first score and select the row's pages
+// together (coop_select_row: kmin / kmax metadata, `scores` [B * Hkv, max_pages] scratch, the row's barrier
+// in barriers[2 * row], [2 * row + 1], which needs the whole grid resident at once), then attend their split
+// of the selection; split 0 writes the selection to sel / nsel (outputs here; sel_k = pages kept a row).
+template <typename T, int D, int G, int MINB, int NSUB, bool COOP>
 __global__ void __launch_bounds__(128, MINB) paged_decode_mma(
     const u16 *__restrict__ q, const u16 *__restrict__ kc, const u16 *__restrict__ vc,
-    const int *__restrict__ bt, const int *__restrict__ seq_lens, const int *__restrict__ sel,
-    const int *__restrict__ nsel, int bt_stride, int sel_k, int hkv, int bs_shift, int pages_per_split,
+    const int *__restrict__ bt, const int *__restrict__ seq_lens, int *__restrict__ sel,
+    int *__restrict__ nsel, int bt_stride, int sel_k, int hkv, int bs_shift, int pages_per_split,
     float scale_log2, float *__restrict__ part_acc, float *__restrict__ part_ml, int *__restrict__ counters,
-    u16 *__restrict__ out)
+    const u16 *__restrict__ kmin, const u16 *__restrict__ kmax, float *__restrict__ scores,
+    unsigned *__restrict__ barriers, int max_pages, int num_sinks, u16 *__restrict__ out)
 {
   constexpr int NKL = D / 32;    // 16-byte K loads per token per lane
   constexpr int NQC = D / 16;    // 16-d chunks of Q.K^T
@@ -243,9 +248,35 @@ __global__ void __launch_bounds__(128, MINB) paged_decode_mma(
   __shared__ int s_last;
 
   const int seq = seq_lens[b];
-  const int nselected = sel ? nsel[b * hkv + h] : 0;
   const int p0 = split * pages_per_split;
-  if (sel) {
+  int nselected;
+  if constexpr (COOP) {
+    // [sel_k] the row's selection, [max_pages] its block ids, then [max_pages] order keys of its candidates
+    int *s_sel = s_lp + pages_per_split;
+    int *s_bt = s_sel + sel_k;
+    const int row = b * hkv + h;
+    const int *btr = bt + (size_t)b * bt_stride;
+    const int npages = (seq + bs - 1) >> bs_shift;
+    for (int j = tid; j < npages; j += blockDim.x) s_bt[j] = btr[j];   // lands while the row is scored
+    nselected = coop_select_row<T, D, G, 128>(
+        q, kmin, kmax, btr, npages, b, h, hkv, split, S, sel_k, num_sinks,
+        scores + (size_t)row * max_pages, barriers + 2 * row, barriers + 2 * row + 1,
+        reinterpret_cast<u32 *>(s_bt + max_pages), s_sel);
+    for (int j = tid; j < pages_per_split && p0 + j < sel_k; j += blockDim.x) {
+      const int lp = s_sel[p0 + j];
+      s_lp[j] = lp;
+      s_phys[j] = lp >= 0 ? s_bt[lp] : 0;
+    }
+    if (split == 0) {
+      for (int j = tid; j < sel_k; j += blockDim.x) sel[(size_t)row * sel_k + j] = s_sel[j];
+      if (tid == 0) nsel[row] = nselected;
+    }
+  } else if (sel) {
+    nselected = nsel[b * hkv + h];
+  } else {
+    nselected = 0;
+  }
+  if (!COOP && sel) {
     // The split's selected pages and their block ids are read before the list length arrives (the list
     // is -1 past its length; nothing past the length is used).
     const int *row = sel + ((size_t)b * hkv + h) * sel_k;
