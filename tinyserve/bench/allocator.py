@@ -24,15 +24,15 @@ import argparse
 import datetime as dt
 import json
 import os
-import platform
 import random
-import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from tinyserve.bench import provenance
 
 __all__ = ["main", "replay", "op_cost", "RUN_CAUSES", "LOADS", "REPLAY"]
 
@@ -424,23 +424,6 @@ def op_cost(*, num_blocks: int, ops: int, seed: int, repeats: int = 3) -> dict[s
     return best
 
 
-def _machine() -> dict[str, Any]:
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
-        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--", "tinyserve"], capture_output=True, text=True).stdout.strip())
-    except (OSError, subprocess.CalledProcessError):
-        commit, dirty = "unknown", False
-    return {
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "python": platform.python_version(),
-        "commit": commit,
-        "tinyserve_tree_dirty": dirty,
-        "card": None,
-    }
-
-
 def _plot(loads: dict[str, dict[str, Any]], path: Path) -> None:
     import matplotlib
 
@@ -544,7 +527,7 @@ def main(argv: list[str] | None = None) -> int:
     stem = args.out_dir / f"allocator-{'quick-' if args.quick else ''}{stamp}"
     report = {
         "benchmark": "allocator",
-        "machine": _machine(),
+        "machine": {**provenance.machine(), "commit": provenance.commit()},
         "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "baseline": "vLLM 0.29 BlockPool (stock), same trace, same process, same run",
         "trace": {"requests": len(trace), "seed": args.seed, "block_size": args.block_size},

@@ -19,13 +19,12 @@ import argparse
 import asyncio
 import json
 import os
-import platform
 import signal
-import subprocess
 import time
 from pathlib import Path
 from typing import Any
 
+from tinyserve.bench import provenance
 from tinyserve.ports import free_port
 
 __all__ = ["main", "classify_stream", "run_kill_under_load"]
@@ -34,14 +33,6 @@ MODEL = "tinyserve-tiny"
 APP = "faults"
 ATTEMPTS_HEADER = "x-tinyserve-attempts"
 
-
-
-def _commit() -> str:
-    try:
-        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True,
-                                       stderr=subprocess.DEVNULL).strip()
-    except Exception:
-        return "unknown"
 
 
 def classify_stream(status: int, attempts: int, lines: list[str], exception: str | None) -> str:
@@ -241,8 +232,8 @@ def main(argv: list[str] | None = None) -> int:
     stamp = time.strftime("%Y%m%d-%H%M%S")
     report = {
         "benchmark": "faults",
-        "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(), "processor": platform.processor()},
-        "commit": _commit(),
+        "machine": provenance.machine(),
+        "commit": provenance.commit(),
         "args": vars(args),
         "baseline": "stock: Ray Serve LLM OpenAiIngress + LLMServer, power-of-two router, TinyServe engine patch off",
         "results": results,

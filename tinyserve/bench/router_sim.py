@@ -21,17 +21,14 @@ import argparse
 import glob
 import heapq
 import json
-import os
-import platform
 import random
-import subprocess
-import sys
 import time
 from collections import OrderedDict
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from tinyserve.bench import provenance
 from tinyserve.bench.router_workloads import WORKLOADS, Session, make_workload
 from tinyserve.cache_router.block_hashing import BlockHasher
 from tinyserve.cache_router.cost_model import CostModel, CostWeights, ReplicaLoad
@@ -263,12 +260,8 @@ def decision_latency_at_scale(replicas: int = 64, blocks_per_replica: int = 100_
 
 
 def machine() -> dict[str, Any]:
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    except OSError:
-        commit = None
-    return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-            "cpu_count": os.cpu_count(), "python": sys.version.split()[0], "commit": commit}
+    """The host and the commit that ran (bench/provenance.py)."""
+    return {**provenance.machine(), "commit": provenance.commit()}
 
 
 def _load_calibration(path: str | None) -> tuple[ReplicaModel, CostWeights, str]:

@@ -35,6 +35,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from tinyserve.bench import provenance
+
 __all__ = ["main", "reference_sweep", "engine_decode_timing"]
 
 BLOCK_SIZE = 32
@@ -44,14 +46,8 @@ DEFAULT_FRACTIONS = [1 / 32, 1 / 16, 1 / 8, 1 / 4, 1 / 2, 1.0]
 
 
 def _machine() -> dict[str, Any]:
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                check=False).stdout.strip() or None
-    except OSError:
-        commit = None
-    return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-            "cpu_count": os.cpu_count(), "python": sys.version.split()[0], "commit": commit,
-            "device": "cpu", "load_average_at_start": list(os.getloadavg())}
+    return {**provenance.machine(), "commit": provenance.commit(), "device": "cpu",
+            "load_average_at_start": list(os.getloadavg())}
 
 
 NEEDLE_STRENGTH = 1.0   # needle key = strength x (sum of its KV head's queries): ~half the attention at 2k
