@@ -235,19 +235,19 @@ __global__ void __launch_bounds__(SEL_THREADS) select_pages(
 // shared memory and runs select_core on them. Needs at most SEL_SMEM_KEYS candidates (pages - 2).
 #define SCORE_UNROLL 8
 
-// Scores of the pages first + u * GPC + pg (u < SCORE_UNROLL) below `end`, by groups of D/8 lanes with
-// page_scores' arithmetic; all loads are issued before any arithmetic. Every thread of the block calls it.
-template <typename T, int D>
+// Scores of the pages first + u * GPC + pg (u < U, GPC = NT / (D/8)) below `end`, by groups of D/8 lanes
+// with page_scores' arithmetic; all loads are issued before any arithmetic. Every thread of the block (NT
+// threads) calls it.
+template <typename T, int D, int NT = SEL_THREADS, int U = SCORE_UNROLL>
 __device__ __forceinline__ void score_page_batch(const u16 *__restrict__ kmin, const u16 *__restrict__ kmax,
                                                  const int *__restrict__ btr, int h, int hkv, int first, int end,
-                                                 const float (&qp)[8], const float (&qn)[8],
-                                                 float (&s)[SCORE_UNROLL]) {
+                                                 const float (&qp)[8], const float (&qn)[8], float (&s)[U]) {
   constexpr int LANES = D / 8;
-  constexpr int GPC = SEL_THREADS / LANES;
+  constexpr int GPC = NT / LANES;
   const int lane = threadIdx.x % LANES, pg = threadIdx.x / LANES;
-  uint4 rmin[SCORE_UNROLL], rmax[SCORE_UNROLL];
+  uint4 rmin[U], rmax[U];
 #pragma unroll
-  for (int u = 0; u < SCORE_UNROLL; ++u) {
+  for (int u = 0; u < U; ++u) {
     const int p = first + u * GPC + pg;
     if (p < end) {
       const size_t off = ((size_t)btr[p] * hkv + h) * D + lane * 8;
@@ -256,7 +256,7 @@ __device__ __forceinline__ void score_page_batch(const u16 *__restrict__ kmin, c
     }
   }
 #pragma unroll
-  for (int u = 0; u < SCORE_UNROLL; ++u) s[u] = page_score<T, LANES>(rmin[u], rmax[u], qp, qn, first + u * GPC + pg < end);
+  for (int u = 0; u < U; ++u) s[u] = page_score<T, LANES>(rmin[u], rmax[u], qp, qn, first + u * GPC + pg < end);
 }
 
 template <typename T, int D, int G>
@@ -397,21 +397,12 @@ __device__ int coop_select_row(const u16 *__restrict__ q, const u16 *__restrict_
       float qp[8], qn[8];
       group_query_parts<T, D, G>(q, b, h, hkv, lane, qp, qn);
       for (int first = lo; first < hi; first += GPC * U) {
-        uint4 rmin[U], rmax[U];
+        float s[U];
+        score_page_batch<T, D, NT, U>(kmin, kmax, btr, h, hkv, first, hi, qp, qn, s);
 #pragma unroll
         for (int u = 0; u < U; ++u) {
           const int p = first + u * GPC + pg;
-          if (p < hi) {
-            const size_t off = ((size_t)btr[p] * hkv + h) * D + lane * 8;
-            rmin[u] = ldg16(kmin + off);
-            rmax[u] = ldg16(kmax + off);
-          }
-        }
-#pragma unroll
-        for (int u = 0; u < U; ++u) {
-          const int p = first + u * GPC + pg;
-          const float s = page_score<T, LANES>(rmin[u], rmax[u], qp, qn, p < hi);
-          if (lane == 0 && p < hi) sc[p] = s;
+          if (lane == 0 && p < hi) sc[p] = s[u];
         }
       }
     }
