@@ -5,6 +5,9 @@
    at a moderate and a high KV load. Per pool: runs per finished request (mean, p99; also counting only
    the blocks the request allocated itself, i.e. after its prefix-cache hit), free runs, largest free run,
    scatter, token-slot utilisation, effective capacity, evictions, prefix hit rate (tokens), preemptions.
+   The same trace again through TinyServe's pool compacting after every schedule, as the engine does with
+   `force_compaction_every_step` (`replay_compaction_every_step` in the JSON): blocks moved per request and
+   what it does to runs per request and free-space scatter.
 2. Cost per operation: µs per allocated block and per freed block at 10k and 1M blocks, steady state
    (sequences growing one block at a time at ~70% usage, finished ones freed with cached hashes, so
    eviction runs too; the GC heap frozen after start-up, as vLLM's engine core does); TinyServe's timing
@@ -242,8 +245,11 @@ def _count_run_causes(manager: Any) -> dict[str, int]:
     return totals
 
 
-def replay(trace: list, *, ours: bool, num_blocks: int, block_size: int, sample_every: int) -> dict[str, Any]:
-    """Replay `trace` through a real KVCacheManager over one pool; summary and time series."""
+def replay(trace: list, *, ours: bool, num_blocks: int, block_size: int, sample_every: int,
+           compaction: Any = None) -> dict[str, Any]:
+    """Replay `trace` through a real KVCacheManager over one pool; summary and time series. With
+    `compaction` (AllocatorSettings, TinyServe's pool only) the driver compacts after each schedule as the
+    engine does; the run-cause and lower-bound counts, which watch every allocation, are left out then."""
     from tinyserve.bench.kv_trace import KVDriver, make_kv_manager
     from tinyserve.engine.fragmentation import count_runs, kv_snapshot, pool_free_mask
 
@@ -251,8 +257,8 @@ def replay(trace: list, *, ours: bool, num_blocks: int, block_size: int, sample_
     manager = make_kv_manager(num_blocks, block_size)
     pool = manager.block_pool
     stock_evictions = None if ours else _count_stock_evictions(pool)
-    forced = _count_forced_breaks(manager)
-    causes = _count_run_causes(manager)
+    forced = _count_forced_breaks(manager) if compaction is None else {}
+    causes = _count_run_causes(manager) if compaction is None else {}
     finished_runs: list[int] = []
     finished_own_runs: list[int] = []
     finished_blocks: list[int] = []
@@ -278,7 +284,7 @@ def replay(trace: list, *, ours: bool, num_blocks: int, block_size: int, sample_
         snap["step"] = driver.steps
         series.append(snap)
 
-    driver = KVDriver(manager, block_size, on_step=on_step, on_finish=on_finish)
+    driver = KVDriver(manager, block_size, on_step=on_step, on_finish=on_finish, compaction=compaction)
     started = time.perf_counter()
     driver.run(trace)
     elapsed = time.perf_counter() - started
@@ -310,6 +316,7 @@ def replay(trace: list, *, ours: bool, num_blocks: int, block_size: int, sample_
         "usage_mean": mean("usage"),
         "evictions": int(evictions),
         "prefix_hit_rate": driver.prefix_hit_tokens / max(driver.prefix_query_tokens, 1),
+        "blocks_moved_per_request": driver.blocks_moved / max(driver.finished, 1),
         "replay_seconds": elapsed,
     }
     timeline = {k: [s[k] for s in series] for k in ("step", "free_space_scatter", "runs_per_request_mean", "usage")}
@@ -477,6 +484,13 @@ def main(argv: list[str] | None = None) -> int:
         for name, ours in (("vllm", False), ("tinyserve", True)):
             _progress(f"replay {load} load ({num_blocks} blocks) through {name} pool ...")
             loads[load][name] = replay(trace, ours=ours, num_blocks=num_blocks, block_size=args.block_size, sample_every=5)
+    from tinyserve.engine.settings import AllocatorSettings
+
+    compacted: dict[str, dict[str, Any]] = {}
+    for load, num_blocks in loads_cfg.items():   # what compaction does to the same trace (forced every step)
+        _progress(f"replay {load} load through the TinyServe pool, compacting every step ...")
+        compacted[load] = replay(trace, ours=True, num_blocks=num_blocks, block_size=args.block_size, sample_every=5,
+                                 compaction=AllocatorSettings(force_compaction_every_step=True))["summary"]
     costs: dict[str, list[dict[str, float]]] = {"vllm": [], "tinyserve": []}
     for num_blocks in (10_000, args.big_blocks):
         _progress(f"cost per operation at {num_blocks} blocks, both pools in alternation ...")
@@ -516,6 +530,14 @@ def main(argv: list[str] | None = None) -> int:
         ))
     print(_table(cost_rows))
     print()
+    compaction_rows = [("TinyServe pool, compaction every step", *(f"{load}: off" for load in compacted),
+                        *(f"{load}: on" for load in compacted))]
+    for key in ("runs_per_request_mean", "own_runs_per_request_mean", "blocks_moved_per_request", "free_space_scatter_mean",
+                "largest_free_run_mean", "prefix_hit_rate", "preemptions"):
+        compaction_rows.append((key, *(f"{loads[l]['tinyserve']['summary'][key]:.4g}" for l in compacted),
+                                *(f"{compacted[l][key]:.4g}" for l in compacted)))
+    print(_table(compaction_rows))
+    print()
     copy_rows = [("offload (moderate load)", "runs/request", "copy calls by runs", "GB/s by runs", "copy calls by blocks", "GB/s by blocks")]
     for name, c in copies.items():
         copy_rows.append((name, f"{c['runs_per_request']:.2f}", f"{c['by_runs_copy_calls_per_request']:.2f}",
@@ -533,6 +555,7 @@ def main(argv: list[str] | None = None) -> int:
         "trace": {"requests": len(trace), "seed": args.seed, "block_size": args.block_size},
         "replay": {load: {name: r["summary"] for name, r in pools.items()} for load, pools in loads.items()},
         "replay_pool_blocks": loads_cfg,
+        "replay_compaction_every_step": compacted,
         "timeline": {load: {name: r["timeline"] for name, r in pools.items()} for load, pools in loads.items()},
         "op_cost": costs,
         "offload_copy_cpu": copies,

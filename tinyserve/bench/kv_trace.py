@@ -66,7 +66,11 @@ def make_kv_manager(num_blocks: int, block_size: int, *, max_model_len: int = 32
     """A real vLLM 0.29 KVCacheManager over one full-attention group (whatever BlockPool is installed)."""
     import torch
     from vllm.v1.core.kv_cache_manager import KVCacheManager
-    from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheConfig, KVCacheGroupSpec
+    from vllm.v1.kv_cache_interface import (
+        FullAttentionSpec,
+        KVCacheConfig,
+        KVCacheGroupSpec,
+    )
 
     spec = FullAttentionSpec(block_size=block_size, num_kv_heads=2, head_size=64, dtype=torch.float16)
     config = KVCacheConfig(num_blocks=num_blocks, kv_cache_tensors=[], kv_cache_groups=[KVCacheGroupSpec(["attn"], spec)])
@@ -96,7 +100,9 @@ class KVDriver:
     request when a block cannot be had, as vLLM does), then admits waiting requests whose prompt fits the
     token budget and the free blocks, then "runs" the step: computed tokens advance and each decoding
     request appends its next trace token. Invariant: a request is in exactly one of waiting, running or
-    finished.
+    finished. With `compaction` (AllocatorSettings; TinyServe's pool), each step compacts as the engine does
+    after its scheduler: blocks of requests that were already running may move (tables rewritten, sources
+    freed at the next step, when the copy has run); `blocks_moved` counts the copies.
     """
 
     manager: Any
@@ -113,6 +119,9 @@ class KVDriver:
     steps: int = 0
     prefix_query_tokens: int = 0
     prefix_hit_tokens: int = 0
+    compaction: Any = None
+    blocks_moved: int = 0
+    _retained: list = field(default_factory=list)
 
     def submit(self, spec: TraceRequest) -> None:
         from vllm import SamplingParams
@@ -146,6 +155,10 @@ class KVDriver:
         from vllm.v1.request import RequestStatus
 
         manager = self.manager
+        if self._retained:   # the step that copied them has run
+            pool = manager.block_pool
+            pool.free_blocks(pool.blocks[m.src] for m in self._retained)
+            self._retained = []
         budget = self.token_budget
         scheduled: list[tuple[_Live, int]] = []
         index = 0
@@ -162,6 +175,7 @@ class KVDriver:
             scheduled.append((live, new_tokens))
             budget -= new_tokens
             index += 1
+        already_running = [live for live, _ in scheduled]
         while self.waiting and len(self.running) < self.max_num_seqs:
             live = self.waiting[0]
             request = live.request
@@ -180,6 +194,8 @@ class KVDriver:
             self.running.append(live)
             scheduled.append((live, new_tokens))
             budget -= new_tokens
+        if self.compaction is not None:
+            self._compact(already_running)
         for live, new_tokens in scheduled:
             request = live.request
             request.num_computed_tokens += new_tokens
@@ -201,6 +217,27 @@ class KVDriver:
         self.steps += 1
         if self.on_step is not None:
             self.on_step(self)
+
+    def _compact(self, movable: list[_Live]) -> None:
+        from tinyserve.engine.compaction import (
+            compaction_due,
+            compaction_pairs,
+            move_blocks,
+        )
+
+        pool = self.manager.block_pool
+        if not compaction_due(pool, self.compaction):
+            return
+        single = self.manager.coordinator.single_type_managers[0]
+        owners: dict[int, tuple[str, int]] = {}
+        for live in movable:
+            rid = live.request.request_id
+            for index, block in enumerate(single.req_to_blocks.get(rid, ())):
+                if not block.is_null and block.ref_cnt == 1:
+                    owners[block.block_id] = (rid, index)
+        pairs = compaction_pairs(pool, owners, self.compaction)
+        self._retained = move_blocks(single, pool, owners, pairs) if pairs else []
+        self.blocks_moved += len(self._retained)
 
     def run(self, trace: list[TraceRequest], *, max_steps: int = 1_000_000) -> None:
         pending = deque(sorted(trace, key=lambda r: r.arrival_step))

@@ -807,6 +807,16 @@ class BestFitBlockPool(BlockPool):
         self.counters["prefix_cache_queries_total"] += num_tokens
         self.counters["prefix_cache_hits_total"] += num_hits
 
+    def block_moved(self, request_id: str, src: int, dst: int) -> None:
+        """Compaction moved `request_id`'s block `src` to `dst`. When `src` was the request's last block, the
+        reservation and growth room that followed it no longer do (a free block would open in front of
+        them): both go back, and `dst` is the tail growth extends from."""
+        placement = self._placements.get(request_id)
+        if placement is not None and placement.tail == src:
+            placement.tail = dst
+            self._drop_reservation(request_id)
+            self._drop_room(request_id)
+
     def claim_block(self, block_id: int) -> None:
         """Allocate one given free block (compaction's destinations); its cache entry, if any, is evicted."""
         self._take_specific(block_id)

@@ -42,6 +42,9 @@ from tinyserve.engine.settings import AllocatorSettings
 __all__ = [
     "BlockMove",
     "plan_compaction",
+    "move_blocks",
+    "compaction_due",
+    "compaction_pairs",
     "apply_moves",
     "compact_step",
     "install_compaction",
@@ -123,15 +126,12 @@ def _movable_owners(scheduler: Any, output: Any) -> dict[int, tuple[str, int]]:
     return owners
 
 
-def apply_moves(scheduler: Any, output: Any, pairs: list[tuple[int, int]]) -> list[BlockMove]:
-    """Rewrite block tables, add the copies to `output` and keep the sources retained (see the module
-    docstring); returns the moves made."""
-    from vllm.v1.core.kv_cache_utils import KVCacheBlockCopy
-
-    kv_manager = scheduler.kv_cache_manager
-    pool = kv_manager.block_pool
-    manager = kv_manager.coordinator.single_type_managers[0]
-    owners = _movable_owners(scheduler, output)
+def move_blocks(manager: Any, pool: Any, owners: dict[int, tuple[str, int]],
+                pairs: list[tuple[int, int]]) -> list[BlockMove]:
+    """Point each moved block's table entry at its destination (claimed from the free blocks, the source's
+    prefix-cache entries moved along); the source keeps the request's reference as the copy's retention, to
+    be freed once the copy has run. `manager` is the single-type manager holding `req_to_blocks`; pairs
+    whose source has no owner or whose destination is no longer free are skipped. Returns the moves made."""
     moves = []
     for src, dst in pairs:
         owner = owners.get(src)
@@ -147,7 +147,22 @@ def apply_moves(scheduler: Any, output: Any, pairs: list[tuple[int, int]]) -> li
             # it, so src may be hashed before this step writes it; only dst receives those writes.
             pool.move_block_hashes(pool.blocks[src], pool.blocks[dst])
         table[index] = pool.blocks[dst]  # src keeps the request's reference as the copy's retention
+        pool.block_moved(rid, src, dst)
         moves.append(BlockMove(rid, index, src, dst))
+    if moves:
+        pool.counters["compactions_total"] += 1
+        pool.counters["blocks_moved_total"] += len(moves)
+    return moves
+
+
+def apply_moves(scheduler: Any, output: Any, pairs: list[tuple[int, int]]) -> list[BlockMove]:
+    """Rewrite block tables, add the copies to `output` and keep the sources retained (see the module
+    docstring); returns the moves made."""
+    from vllm.v1.core.kv_cache_utils import KVCacheBlockCopy
+
+    kv_manager = scheduler.kv_cache_manager
+    manager = kv_manager.coordinator.single_type_managers[0]
+    moves = move_blocks(manager, kv_manager.block_pool, _movable_owners(scheduler, output), pairs)
     if not moves:
         return moves
     copies = list(output.kv_cache_block_copies or ())
@@ -160,9 +175,32 @@ def apply_moves(scheduler: Any, output: Any, pairs: list[tuple[int, int]]) -> li
             cached.resumed_req_ids.add(rid)
             cached.new_block_ids[i] = kv_manager.get_block_ids(rid)
             cached.all_token_ids[rid] = list(scheduler.requests[rid].all_token_ids)
-    pool.counters["compactions_total"] += 1
-    pool.counters["blocks_moved_total"] += len(moves)
     return moves
+
+
+def compaction_due(pool: Any, settings: AllocatorSettings) -> bool:
+    """Whether the free space's scatter passes the settings' threshold (or compaction is forced)."""
+    if settings.force_compaction_every_step:
+        return True
+    if settings.compaction_scatter_threshold is None:
+        return False
+    from tinyserve.engine.fragmentation import free_run_lengths
+
+    lengths = free_run_lengths(np.frombuffer(bytes(pool.free_mask), dtype=np.uint8))
+    free_blocks = int(lengths.sum())
+    scatter = 1.0 - int(lengths.max()) / free_blocks if free_blocks else 0.0
+    return scatter > settings.compaction_scatter_threshold
+
+
+def compaction_pairs(pool: Any, owners: dict[int, tuple[str, int]], settings: AllocatorSettings) -> list[tuple[int, int]]:
+    """The (src, dst) moves `plan_compaction` picks for blocks that may move (`owners`' keys)."""
+    if not owners:
+        return []
+    free_mask = np.frombuffer(bytes(pool.free_mask), dtype=np.uint8)
+    movable = np.zeros(free_mask.size, dtype=np.uint8)
+    movable[np.fromiter(owners.keys(), dtype=np.int64)] = 1
+    destinations = np.frombuffer(bytes(pool.placeable_mask()), dtype=np.uint8)
+    return plan_compaction(free_mask, movable, destinations, settings.compaction_max_moves)
 
 
 def compact_step(scheduler: Any, output: Any, settings: AllocatorSettings) -> list[BlockMove]:
@@ -170,22 +208,9 @@ def compact_step(scheduler: Any, output: Any, settings: AllocatorSettings) -> li
     if len(scheduler.kv_cache_manager.coordinator.single_type_managers) != 1:
         return []  # one KV cache group only (hybrid models keep several tables per request)
     pool = scheduler.kv_cache_manager.block_pool
-    free_mask = np.frombuffer(bytes(pool.free_mask), dtype=np.uint8)
-    if not settings.force_compaction_every_step:
-        from tinyserve.engine.fragmentation import free_run_lengths
-
-        lengths = free_run_lengths(free_mask)
-        free_blocks = int(lengths.sum())
-        scatter = 1.0 - int(lengths.max()) / free_blocks if free_blocks else 0.0
-        if settings.compaction_scatter_threshold is None or scatter <= settings.compaction_scatter_threshold:
-            return []
-    owners = _movable_owners(scheduler, output)
-    if not owners:
+    if not compaction_due(pool, settings):
         return []
-    movable = np.zeros(free_mask.size, dtype=np.uint8)
-    movable[np.fromiter(owners.keys(), dtype=np.int64)] = 1
-    destinations = np.frombuffer(bytes(pool.placeable_mask()), dtype=np.uint8)
-    pairs = plan_compaction(free_mask, movable, destinations, settings.compaction_max_moves)
+    pairs = compaction_pairs(pool, _movable_owners(scheduler, output), settings)
     return apply_moves(scheduler, output, pairs) if pairs else []
 
 
