@@ -6,8 +6,9 @@ stock vLLM (plugin off), and the plugin with its allocator (best-fit placement, 
 policy) plus compaction forced at every scheduler step. Greedy outputs must be identical; the stats
 channel must show the allocator's numbers. A third engine (32 blocks) runs three side-by-side prefills
 twice with compaction every step: compaction must really move blocks, and both rounds (the second hits
-the prefix cache) must equal stock vLLM's outputs. (The allocator without compaction was checked the
-same way separately; one engine covers both to keep CI short.)
+the prefix cache) must equal stock vLLM's outputs. A fourth engine runs the six prompts twice with
+gathering instead of free-space compaction: blocks must move and both rounds equal stock's outputs. (The allocator without compaction was checked the same way separately; one engine
+covers both to keep CI short.)
 """
 
 from __future__ import annotations
@@ -99,6 +100,12 @@ def repeated(model_dir):
     return _run(model_dir, settings, [(REPEAT_PROMPTS, REPEAT_MAX_TOKENS)] * 2, REPEAT_ENGINE_ARGS)
 
 
+@pytest.fixture(scope="module")
+def gathering(model_dir):
+    settings = EngineSettings(allocator=AllocatorSettings(compaction_gather_runs=2))
+    return _run(model_dir, settings, [(PROMPTS, MAX_TOKENS)] * 2)
+
+
 def test_stats_channel_carries_kv_numbers(compacting) -> None:
     stats = compacting[1][0]
     assert "allocator" in stats["plugin"]["features"]
@@ -131,3 +138,13 @@ def test_prefix_hits_after_compaction_read_right_kv(stock, repeated) -> None:
     assert hits_second > stats_first["kv"]["prefix_cache_hits_total"]  # round two reuses round one's KV
     assert second == first == stock[0][1]  # and both equal stock vLLM's outputs
     assert stats_second["kv"]["num_free_blocks"] == REPEAT_ENGINE_ARGS["num_gpu_blocks_override"] - 1
+
+
+def test_gathering_moves_requests_together_and_outputs_stay(stock, gathering) -> None:
+    # Gathering moves every own block of a request that lies in two or more runs into one free run (a cached
+    # block there is evicted); the copies go through the same path as free-space compaction's, so outputs,
+    # and round two's prefix hits on moved blocks, must still equal stock vLLM's.
+    (first, second), (stats_first, stats_second) = gathering
+    assert stats_first["kv"]["blocks_moved_total"] > 0
+    assert second == first == stock[0][0]
+    assert stats_second["kv"]["num_free_blocks"] == ENGINE_ARGS["num_gpu_blocks_override"] - 1

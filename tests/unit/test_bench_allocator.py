@@ -29,10 +29,11 @@ def test_quick_run_writes_json_and_png(tmp_path, capsys) -> None:
         for summary in (stock, ours):  # every own run after a request's first has one recorded cause
             causes = summary["run_causes_per_request"]
             assert sum(causes.values()) == pytest.approx(summary["own_runs_per_request_mean"] - 1)
-    for load, compacted in report["replay_compaction_every_step"].items():   # same trace, compacting
-        assert compacted["requests_finished"] == report["trace"]["requests"]
-        assert compacted["blocks_moved_per_request"] >= 0
-        assert report["replay"][load]["tinyserve"]["blocks_moved_per_request"] == 0
+    for mode in ("free_space_every_step", "gather_2_runs"):   # same trace, compacting
+        for load, compacted in report["replay_compaction"][mode].items():
+            assert compacted["requests_finished"] == report["trace"]["requests"]
+            assert compacted["blocks_moved_per_request"] >= 0
+            assert report["replay"][load]["tinyserve"]["blocks_moved_per_request"] == 0
     assert len(report["op_cost"]["vllm"]) == len(report["op_cost"]["tinyserve"]) == 2
     copies = report["offload_copy_cpu"]["tinyserve"]
     assert copies["by_runs_copy_calls_per_request"] == copies["runs_per_request"]

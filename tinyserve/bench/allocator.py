@@ -5,9 +5,9 @@
    at a moderate and a high KV load. Per pool: runs per finished request (mean, p99; also counting only
    the blocks the request allocated itself, i.e. after its prefix-cache hit), free runs, largest free run,
    scatter, token-slot utilisation, effective capacity, evictions, prefix hit rate (tokens), preemptions.
-   The same trace again through TinyServe's pool compacting after every schedule, as the engine does with
-   `force_compaction_every_step` (`replay_compaction_every_step` in the JSON): blocks moved per request and
-   what it does to runs per request and free-space scatter.
+   The same trace again through TinyServe's pool with compaction as the engine runs it (`replay_compaction`
+   in the JSON): free-space compaction forced every step, and gathering (`compaction_gather_runs=2`): blocks
+   moved per request and what each does to runs per request, scatter, evictions and hits.
 2. Cost per operation: µs per allocated block and per freed block at 10k and 1M blocks, steady state
    (sequences growing one block at a time at ~70% usage, finished ones freed with cached hashes, so
    eviction runs too; the GC heap frozen after start-up, as vLLM's engine core does); TinyServe's timing
@@ -486,11 +486,14 @@ def main(argv: list[str] | None = None) -> int:
             loads[load][name] = replay(trace, ours=ours, num_blocks=num_blocks, block_size=args.block_size, sample_every=5)
     from tinyserve.engine.settings import AllocatorSettings
 
-    compacted: dict[str, dict[str, Any]] = {}
-    for load, num_blocks in loads_cfg.items():   # what compaction does to the same trace (forced every step)
-        _progress(f"replay {load} load through the TinyServe pool, compacting every step ...")
-        compacted[load] = replay(trace, ours=True, num_blocks=num_blocks, block_size=args.block_size, sample_every=5,
-                                 compaction=AllocatorSettings(force_compaction_every_step=True))["summary"]
+    compaction_modes = {"free_space_every_step": AllocatorSettings(force_compaction_every_step=True),
+                        "gather_2_runs": AllocatorSettings(compaction_gather_runs=2)}
+    compacted: dict[str, dict[str, dict[str, Any]]] = {mode: {} for mode in compaction_modes}
+    for mode, settings in compaction_modes.items():   # what compaction does to the same trace
+        for load, num_blocks in loads_cfg.items():
+            _progress(f"replay {load} load through the TinyServe pool, compaction {mode} ...")
+            compacted[mode][load] = replay(trace, ours=True, num_blocks=num_blocks, block_size=args.block_size,
+                                           sample_every=5, compaction=settings)["summary"]
     costs: dict[str, list[dict[str, float]]] = {"vllm": [], "tinyserve": []}
     for num_blocks in (10_000, args.big_blocks):
         _progress(f"cost per operation at {num_blocks} blocks, both pools in alternation ...")
@@ -530,12 +533,12 @@ def main(argv: list[str] | None = None) -> int:
         ))
     print(_table(cost_rows))
     print()
-    compaction_rows = [("TinyServe pool, compaction every step", *(f"{load}: off" for load in compacted),
-                        *(f"{load}: on" for load in compacted))]
-    for key in ("runs_per_request_mean", "own_runs_per_request_mean", "blocks_moved_per_request", "free_space_scatter_mean",
-                "largest_free_run_mean", "prefix_hit_rate", "preemptions"):
-        compaction_rows.append((key, *(f"{loads[l]['tinyserve']['summary'][key]:.4g}" for l in compacted),
-                                *(f"{compacted[l][key]:.4g}" for l in compacted)))
+    compaction_rows = [("TinyServe pool, compaction", *(f"{load}: {mode}" for load in loads_cfg
+                                                       for mode in ("off", *compaction_modes)))]
+    for key in ("runs_per_request_mean", "own_runs_per_request_mean", "own_runs_per_request_p99", "blocks_moved_per_request",
+                "free_space_scatter_mean", "largest_free_run_mean", "evictions", "prefix_hit_rate", "preemptions"):
+        compaction_rows.append((key, *(f"{(loads[l]['tinyserve']['summary'] if m == 'off' else compacted[m][l])[key]:.4g}"
+                                       for l in loads_cfg for m in ("off", *compaction_modes))))
     print(_table(compaction_rows))
     print()
     copy_rows = [("offload (moderate load)", "runs/request", "copy calls by runs", "GB/s by runs", "copy calls by blocks", "GB/s by blocks")]
@@ -555,7 +558,7 @@ def main(argv: list[str] | None = None) -> int:
         "trace": {"requests": len(trace), "seed": args.seed, "block_size": args.block_size},
         "replay": {load: {name: r["summary"] for name, r in pools.items()} for load, pools in loads.items()},
         "replay_pool_blocks": loads_cfg,
-        "replay_compaction_every_step": compacted,
+        "replay_compaction": compacted,
         "timeline": {load: {name: r["timeline"] for name, r in pools.items()} for load, pools in loads.items()},
         "op_cost": costs,
         "offload_copy_cpu": copies,

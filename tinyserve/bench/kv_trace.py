@@ -222,11 +222,13 @@ class KVDriver:
         from tinyserve.engine.compaction import (
             compaction_due,
             compaction_pairs,
+            gather_requests,
             move_blocks,
         )
 
         pool = self.manager.block_pool
-        if not compaction_due(pool, self.compaction):
+        gather = self.compaction.compaction_gather_runs is not None
+        if not gather and not compaction_due(pool, self.compaction):
             return
         single = self.manager.coordinator.single_type_managers[0]
         owners: dict[int, tuple[str, int]] = {}
@@ -235,8 +237,11 @@ class KVDriver:
             for index, block in enumerate(single.req_to_blocks.get(rid, ())):
                 if not block.is_null and block.ref_cnt == 1:
                     owners[block.block_id] = (rid, index)
-        pairs = compaction_pairs(pool, owners, self.compaction)
-        self._retained = move_blocks(single, pool, owners, pairs) if pairs else []
+        if gather:
+            self._retained = gather_requests(single, pool, owners, self.compaction)
+        else:
+            pairs = compaction_pairs(pool, owners, self.compaction)
+            self._retained = move_blocks(single, pool, owners, pairs) if pairs else []
         self.blocks_moved += len(self._retained)
 
     def run(self, trace: list[TraceRequest], *, max_steps: int = 1_000_000) -> None:

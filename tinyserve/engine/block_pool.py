@@ -817,6 +817,14 @@ class BestFitBlockPool(BlockPool):
             self._drop_reservation(request_id)
             self._drop_room(request_id)
 
+    def gather_destination(self, num: int) -> int | None:
+        """Start of `num` consecutive free blocks that compaction may move a request's blocks into (then
+        `claim_block` each): the smallest placeable run that holds them, else the smallest run of
+        never-hit cached blocks, whatever their age (claiming evicts them out of LRU order: a workload that
+        comes back to its own KV later would lose those hits, which is why gathering is opt-in)."""
+        start = self._runs.best_fit(num)
+        return start if start is not None else self._cold.best_fit(num)
+
     def claim_block(self, block_id: int) -> None:
         """Allocate one given free block (compaction's destinations); its cache entry, if any, is evicted."""
         self._take_specific(block_id)
@@ -940,7 +948,8 @@ def install_block_pool(settings: AllocatorSettings) -> None:
         _originals[name] = getattr(KVCacheManager, name)
         setattr(KVCacheManager, name, wrap(_originals[name]))
     coordinator.BlockPool = BestFitBlockPool
-    if settings.compaction_scatter_threshold is not None or settings.force_compaction_every_step:
+    if (settings.compaction_scatter_threshold is not None or settings.force_compaction_every_step
+            or settings.compaction_gather_runs is not None):
         from tinyserve.engine.compaction import install_compaction
 
         install_compaction(settings)

@@ -45,6 +45,7 @@ __all__ = [
     "move_blocks",
     "compaction_due",
     "compaction_pairs",
+    "gather_requests",
     "apply_moves",
     "compact_step",
     "install_compaction",
@@ -158,13 +159,19 @@ def move_blocks(manager: Any, pool: Any, owners: dict[int, tuple[str, int]],
 def apply_moves(scheduler: Any, output: Any, pairs: list[tuple[int, int]]) -> list[BlockMove]:
     """Rewrite block tables, add the copies to `output` and keep the sources retained (see the module
     docstring); returns the moves made."""
+    manager = scheduler.kv_cache_manager.coordinator.single_type_managers[0]
+    moves = move_blocks(manager, scheduler.kv_cache_manager.block_pool, _movable_owners(scheduler, output), pairs)
+    return _send_moves(scheduler, output, moves)
+
+
+def _send_moves(scheduler: Any, output: Any, moves: list[BlockMove]) -> list[BlockMove]:
+    """Tell the worker: the copies join `output.kv_cache_block_copies`, moved requests go as resumed with
+    their whole new block table."""
     from vllm.v1.core.kv_cache_utils import KVCacheBlockCopy
 
-    kv_manager = scheduler.kv_cache_manager
-    manager = kv_manager.coordinator.single_type_managers[0]
-    moves = move_blocks(manager, kv_manager.block_pool, _movable_owners(scheduler, output), pairs)
     if not moves:
         return moves
+    kv_manager = scheduler.kv_cache_manager
     copies = list(output.kv_cache_block_copies or ())
     copies.extend(KVCacheBlockCopy(m.src, m.dst) for m in moves)
     output.kv_cache_block_copies = copies
@@ -175,6 +182,37 @@ def apply_moves(scheduler: Any, output: Any, pairs: list[tuple[int, int]]) -> li
             cached.resumed_req_ids.add(rid)
             cached.new_block_ids[i] = kv_manager.get_block_ids(rid)
             cached.all_token_ids[rid] = list(scheduler.requests[rid].all_token_ids)
+    return moves
+
+
+def gather_requests(manager: Any, pool: Any, owners: dict[int, tuple[str, int]],
+                    settings: AllocatorSettings) -> list[BlockMove]:
+    """Move each request's own blocks (its keys in `owners`) whose ids lie in at least
+    `settings.compaction_gather_runs` runs into one free run (`pool.gather_destination`), in table order,
+    requests with the most runs first, at most `compaction_max_moves` copies in all. Returns the moves."""
+    from tinyserve.engine.fragmentation import count_runs
+
+    own: dict[str, list[tuple[int, int]]] = {}
+    for block_id, (rid, index) in owners.items():
+        own.setdefault(rid, []).append((index, block_id))
+    candidates = []
+    for rid, blocks in own.items():
+        blocks.sort()
+        runs = count_runs([block_id for _, block_id in blocks])
+        if runs >= settings.compaction_gather_runs:
+            candidates.append((-runs, rid, blocks))
+    candidates.sort()
+    budget = settings.compaction_max_moves
+    moves: list[BlockMove] = []
+    for _, rid, blocks in candidates:
+        if len(blocks) > budget:
+            continue
+        start = pool.gather_destination(len(blocks))
+        if start is None:
+            continue
+        pairs = [(block_id, start + k) for k, (_, block_id) in enumerate(blocks)]
+        moves += move_blocks(manager, pool, owners, pairs)
+        budget -= len(blocks)
     return moves
 
 
@@ -204,10 +242,15 @@ def compaction_pairs(pool: Any, owners: dict[int, tuple[str, int]], settings: Al
 
 
 def compact_step(scheduler: Any, output: Any, settings: AllocatorSettings) -> list[BlockMove]:
-    """Plan and apply one compaction after the scheduler built `output`, if one is due."""
+    """Plan and apply one compaction after the scheduler built `output`, if one is due: gathering requests
+    (`compaction_gather_runs`) or coalescing free space."""
     if len(scheduler.kv_cache_manager.coordinator.single_type_managers) != 1:
         return []  # one KV cache group only (hybrid models keep several tables per request)
     pool = scheduler.kv_cache_manager.block_pool
+    manager = scheduler.kv_cache_manager.coordinator.single_type_managers[0]
+    if settings.compaction_gather_runs is not None:
+        moves = gather_requests(manager, pool, _movable_owners(scheduler, output), settings)
+        return _send_moves(scheduler, output, moves)
     if not compaction_due(pool, settings):
         return []
     pairs = compaction_pairs(pool, _movable_owners(scheduler, output), settings)
