@@ -489,11 +489,15 @@ def main(argv: list[str] | None = None) -> int:
     compaction_modes = {"free_space_every_step": AllocatorSettings(force_compaction_every_step=True),
                         "gather_2_runs": AllocatorSettings(compaction_gather_runs=2)}
     compacted: dict[str, dict[str, dict[str, Any]]] = {mode: {} for mode in compaction_modes}
+    gathered_tables: list[list[int]] = []
     for mode, settings in compaction_modes.items():   # what compaction does to the same trace
         for load, num_blocks in loads_cfg.items():
             _progress(f"replay {load} load through the TinyServe pool, compaction {mode} ...")
-            compacted[mode][load] = replay(trace, ours=True, num_blocks=num_blocks, block_size=args.block_size,
-                                           sample_every=5, compaction=settings)["summary"]
+            result = replay(trace, ours=True, num_blocks=num_blocks, block_size=args.block_size, sample_every=5,
+                            compaction=settings)
+            compacted[mode][load] = result["summary"]
+            if mode == "gather_2_runs" and load == "moderate":
+                gathered_tables = result["tables"]
     costs: dict[str, list[dict[str, float]]] = {"vllm": [], "tinyserve": []}
     for num_blocks in (10_000, args.big_blocks):
         _progress(f"cost per operation at {num_blocks} blocks, both pools in alternation ...")
@@ -503,9 +507,10 @@ def main(argv: list[str] | None = None) -> int:
     uninstall_block_pool()
     _progress("offload copy by runs vs block by block ...")
     copies = {
-        name: gather_tables(loads["moderate"][name]["tables"], num_blocks=loads_cfg["moderate"],
-                            block_bytes=LAYER_BLOCK_BYTES, limit=200)
-        for name in ("vllm", "tinyserve")
+        name: gather_tables(tables, num_blocks=loads_cfg["moderate"], block_bytes=LAYER_BLOCK_BYTES, limit=200)
+        for name, tables in (("vllm", loads["moderate"]["vllm"]["tables"]),
+                             ("tinyserve", loads["moderate"]["tinyserve"]["tables"]),
+                             ("tinyserve_gathering", gathered_tables))
     }
 
     rows = [("metric", *(f"{load}:{name}" for load in loads for name in loads[load]))]
