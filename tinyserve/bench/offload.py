@@ -1,7 +1,8 @@
 """`tinyserve bench offload`: what contiguity buys when a finished request's KV leaves the cache.
 
 Each finished request's block table (from the allocator replay, `tinyserve bench allocator`'s moderate load,
-for vLLM's stock pool and for TinyServe's) is gathered into one buffer, as an offload to host memory or a
+for vLLM's stock pool, for TinyServe's, and for TinyServe's gathering requests together) is gathered into one
+buffer, as an offload to host memory or a
 transfer to another engine would do it:
 - by runs: one copy per run of consecutive block ids;
 - block by block: one copy per block;
@@ -14,7 +15,7 @@ checks every gathered byte against the cache.
     tinyserve bench offload --make-tables benchmarks/results/offload-tables.json   # CPU, needs vLLM
     tinyserve bench offload --tables benchmarks/results/offload-tables.json        # on the GPU machine
 
-Writes benchmarks/results/offload-<device>-<date>.json and .png (GB/s by method, for both pools).
+Writes benchmarks/results/offload-<device>-<date>.json and .png (GB/s by method, for each pool).
 """
 
 from __future__ import annotations
@@ -116,19 +117,23 @@ def gather_tables(tables: list[list[int]], *, num_blocks: int, block_bytes: int,
 
 
 def make_tables(path: Path, *, limit: int = 200) -> None:
-    """Replay the allocator benchmark's moderate load through both pools (CPU, vLLM) and write the first
-    `limit` finished requests' block tables of each to `path`."""
+    """Replay the allocator benchmark's moderate load through both pools (CPU, vLLM), and through TinyServe's
+    gathering requests together (`compaction_gather_runs=2`), and write the first `limit` finished
+    requests' block tables of each to `path`."""
     from tinyserve.bench.allocator import LOADS, REPLAY, replay
     from tinyserve.bench.kv_trace import make_trace
     from tinyserve.engine.block_pool import uninstall_block_pool
+    from tinyserve.engine.settings import AllocatorSettings
 
     trace = make_trace(seed=REPLAY["seed"], num_requests=REPLAY["requests"])
     out: dict[str, Any] = {"commit": provenance.commit(), "machine": provenance.machine(),
                            "load": "moderate", "num_blocks": LOADS["moderate"], "block_size": REPLAY["block_size"],
                            "trace": REPLAY, "tables": {}}
-    for name, ours in (("vllm", False), ("tinyserve", True)):
+    for name, ours, compaction in (("vllm", False, None), ("tinyserve", True, None),
+                                   ("tinyserve_gathering", True, AllocatorSettings(compaction_gather_runs=2))):
         print(f"[offload] replay (moderate load) through {name} pool ...", flush=True)
-        run = replay(trace, ours=ours, num_blocks=LOADS["moderate"], block_size=REPLAY["block_size"], sample_every=50)
+        run = replay(trace, ours=ours, num_blocks=LOADS["moderate"], block_size=REPLAY["block_size"], sample_every=50,
+                     compaction=compaction)
         out["tables"][name] = run["tables"][:limit]
     uninstall_block_pool()
     path.parent.mkdir(parents=True, exist_ok=True)
