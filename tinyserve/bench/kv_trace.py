@@ -66,11 +66,7 @@ def make_kv_manager(num_blocks: int, block_size: int, *, max_model_len: int = 32
     """A real vLLM 0.29 KVCacheManager over one full-attention group (whatever BlockPool is installed)."""
     import torch
     from vllm.v1.core.kv_cache_manager import KVCacheManager
-    from vllm.v1.kv_cache_interface import (
-        FullAttentionSpec,
-        KVCacheConfig,
-        KVCacheGroupSpec,
-    )
+    from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheConfig, KVCacheGroupSpec
 
     spec = FullAttentionSpec(block_size=block_size, num_kv_heads=2, head_size=64, dtype=torch.float16)
     config = KVCacheConfig(num_blocks=num_blocks, kv_cache_tensors=[], kv_cache_groups=[KVCacheGroupSpec(["attn"], spec)])
@@ -219,29 +215,12 @@ class KVDriver:
             self.on_step(self)
 
     def _compact(self, movable: list[_Live]) -> None:
-        from tinyserve.engine.compaction import (
-            compaction_due,
-            compaction_pairs,
-            gather_requests,
-            move_blocks,
-        )
+        from tinyserve.engine.compaction import compact, owned_blocks
 
-        pool = self.manager.block_pool
-        gather = self.compaction.compaction_gather_runs is not None
-        if not gather and not compaction_due(pool, self.compaction):
-            return
         single = self.manager.coordinator.single_type_managers[0]
-        owners: dict[int, tuple[str, int]] = {}
-        for live in movable:
-            rid = live.request.request_id
-            for index, block in enumerate(single.req_to_blocks.get(rid, ())):
-                if not block.is_null and block.ref_cnt == 1:
-                    owners[block.block_id] = (rid, index)
-        if gather:
-            self._retained = gather_requests(single, pool, owners, self.compaction)
-        else:
-            pairs = compaction_pairs(pool, owners, self.compaction)
-            self._retained = move_blocks(single, pool, owners, pairs) if pairs else []
+        self._retained = compact(single, self.manager.block_pool,
+                                 lambda: owned_blocks(single, (live.request.request_id for live in movable)),
+                                 self.compaction)
         self.blocks_moved += len(self._retained)
 
     def run(self, trace: list[TraceRequest], *, max_steps: int = 1_000_000) -> None:

@@ -7,7 +7,11 @@ it moves to a free block outside it. A window is eligible only if each allocated
 old unused cache, never reserved or recently used cache) lie outside it. At most `max_moves` moves per
 plan; a partial plan is progress toward the same window.
 
-Apply (`apply_moves`, in the engine-core process, right after vLLM's scheduler built a step): only
+Gathering (`gather_requests`, `compaction_gather_runs`) instead moves all of one request's own blocks into
+one free run when they lie in several. `compact` picks the mode; the engine (`compact_step`) and the
+allocator benchmark's trace replay run the same code.
+
+Apply (`compact_step`, in the engine-core process, right after vLLM's scheduler built a step): only
 requests that run this step as cached requests move. Each move (request, table index, src, dst) claims
 dst for the request's table, keeps src allocated as a retention, appends (src, dst) to the step's
 `kv_cache_block_copies` (the list vLLM 0.29 uses for its own copy-on-write copies; the worker runs
@@ -32,6 +36,7 @@ Needs synchronous scheduling (vLLM's CPU platform forces it); with async schedul
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -46,7 +51,8 @@ __all__ = [
     "compaction_due",
     "compaction_pairs",
     "gather_requests",
-    "apply_moves",
+    "owned_blocks",
+    "compact",
     "compact_step",
     "install_compaction",
     "copied_block_pairs",
@@ -112,19 +118,23 @@ def plan_compaction(
     return pairs[:max_moves]
 
 
-def _movable_owners(scheduler: Any, output: Any) -> dict[int, tuple[str, int]]:
-    """block id -> (request id, table index) for blocks owned by exactly one request that runs this
-    step as a cached (not new, not resumed) request."""
-    manager = scheduler.kv_cache_manager.coordinator.single_type_managers[0]
-    cached = output.scheduled_cached_reqs
+def owned_blocks(manager: Any, request_ids: Iterable[str]) -> dict[int, tuple[str, int]]:
+    """block id -> (request id, table index) for the blocks of `request_ids` that no other request holds
+    (`manager` is the single-type manager holding `req_to_blocks`)."""
     owners: dict[int, tuple[str, int]] = {}
-    for rid in cached.req_ids:
-        if rid in cached.resumed_req_ids or rid in manager._partial_hit_reqs:
-            continue
+    for rid in request_ids:
         for index, block in enumerate(manager.req_to_blocks.get(rid, ())):
             if not block.is_null and block.ref_cnt == 1:
                 owners[block.block_id] = (rid, index)
     return owners
+
+
+def _movable_owners(scheduler: Any, output: Any) -> dict[int, tuple[str, int]]:
+    """`owned_blocks` of the requests that run this step as cached (not new, not resumed) requests."""
+    manager = scheduler.kv_cache_manager.coordinator.single_type_managers[0]
+    cached = output.scheduled_cached_reqs
+    return owned_blocks(manager, (rid for rid in cached.req_ids
+                                  if rid not in cached.resumed_req_ids and rid not in manager._partial_hit_reqs))
 
 
 def move_blocks(manager: Any, pool: Any, owners: dict[int, tuple[str, int]],
@@ -150,18 +160,8 @@ def move_blocks(manager: Any, pool: Any, owners: dict[int, tuple[str, int]],
         table[index] = pool.blocks[dst]  # src keeps the request's reference as the copy's retention
         pool.block_moved(rid, src, dst)
         moves.append(BlockMove(rid, index, src, dst))
-    if moves:
-        pool.counters["compactions_total"] += 1
-        pool.counters["blocks_moved_total"] += len(moves)
+    pool.counters["blocks_moved_total"] += len(moves)
     return moves
-
-
-def apply_moves(scheduler: Any, output: Any, pairs: list[tuple[int, int]]) -> list[BlockMove]:
-    """Rewrite block tables, add the copies to `output` and keep the sources retained (see the module
-    docstring); returns the moves made."""
-    manager = scheduler.kv_cache_manager.coordinator.single_type_managers[0]
-    moves = move_blocks(manager, scheduler.kv_cache_manager.block_pool, _movable_owners(scheduler, output), pairs)
-    return _send_moves(scheduler, output, moves)
 
 
 def _send_moves(scheduler: Any, output: Any, moves: list[BlockMove]) -> list[BlockMove]:
@@ -241,20 +241,33 @@ def compaction_pairs(pool: Any, owners: dict[int, tuple[str, int]], settings: Al
     return plan_compaction(free_mask, movable, destinations, settings.compaction_max_moves)
 
 
+def compact(manager: Any, pool: Any, owners: Callable[[], dict[int, tuple[str, int]]],
+            settings: AllocatorSettings) -> list[BlockMove]:
+    """One compaction, if one is due: gathering (`compaction_gather_runs`) or coalescing free space.
+    `owners()` gives the blocks that may move (called only when there is something to plan). Returns the
+    moves made (sources retained: free them once the copies have run)."""
+    if settings.compaction_gather_runs is not None:
+        moves = gather_requests(manager, pool, owners(), settings)
+    elif compaction_due(pool, settings):
+        movable = owners()
+        pairs = compaction_pairs(pool, movable, settings)
+        moves = move_blocks(manager, pool, movable, pairs) if pairs else []
+    else:
+        moves = []
+    if moves:
+        pool.counters["compactions_total"] += 1
+    return moves
+
+
 def compact_step(scheduler: Any, output: Any, settings: AllocatorSettings) -> list[BlockMove]:
-    """Plan and apply one compaction after the scheduler built `output`, if one is due: gathering requests
-    (`compaction_gather_runs`) or coalescing free space."""
+    """`compact` after the scheduler built `output`: tables rewritten, the copies and the moved requests'
+    new tables sent to the worker in `output`, sources retained (see the module docstring)."""
     if len(scheduler.kv_cache_manager.coordinator.single_type_managers) != 1:
         return []  # one KV cache group only (hybrid models keep several tables per request)
-    pool = scheduler.kv_cache_manager.block_pool
     manager = scheduler.kv_cache_manager.coordinator.single_type_managers[0]
-    if settings.compaction_gather_runs is not None:
-        moves = gather_requests(manager, pool, _movable_owners(scheduler, output), settings)
-        return _send_moves(scheduler, output, moves)
-    if not compaction_due(pool, settings):
-        return []
-    pairs = compaction_pairs(pool, _movable_owners(scheduler, output), settings)
-    return apply_moves(scheduler, output, pairs) if pairs else []
+    moves = compact(manager, scheduler.kv_cache_manager.block_pool, lambda: _movable_owners(scheduler, output),
+                    settings)
+    return _send_moves(scheduler, output, moves)
 
 
 def install_compaction(settings: AllocatorSettings) -> None:
