@@ -37,13 +37,14 @@ import numpy as np
 
 from tinyserve.bench import provenance
 
-__all__ = ["main", "replay", "op_cost", "RUN_CAUSES", "LOADS", "REPLAY"]
+__all__ = ["main", "replay", "op_cost", "RUN_CAUSES", "LOADS", "REPLAY", "GATHER_RUNS"]
 
 RESULTS = Path("benchmarks/results")
 # Pool sizes of the two loads: the default trace peaks near a third of the moderate pool and at about two
 # thirds of the high one (with preemptions).
 LOADS = {"moderate": 2000, "high": 1000}
 REPLAY = {"seed": 1, "requests": 400, "block_size": 32}   # the default trace
+GATHER_RUNS = 2   # compaction_gather_runs of the replays that gather requests (here and in bench offload)
 
 
 def _progress(message: str) -> None:
@@ -487,7 +488,7 @@ def main(argv: list[str] | None = None) -> int:
     from tinyserve.engine.settings import AllocatorSettings
 
     compaction_modes = {"free_space_every_step": AllocatorSettings(force_compaction_every_step=True),
-                        "gather_2_runs": AllocatorSettings(compaction_gather_runs=2)}
+                        f"gather_{GATHER_RUNS}_runs": AllocatorSettings(compaction_gather_runs=GATHER_RUNS)}
     compacted: dict[str, dict[str, dict[str, Any]]] = {mode: {} for mode in compaction_modes}
     gathered_tables: list[list[int]] = []
     for mode, settings in compaction_modes.items():   # what compaction does to the same trace
@@ -496,7 +497,7 @@ def main(argv: list[str] | None = None) -> int:
             result = replay(trace, ours=True, num_blocks=num_blocks, block_size=args.block_size, sample_every=5,
                             compaction=settings)
             compacted[mode][load] = result["summary"]
-            if mode == "gather_2_runs" and load == "moderate":
+            if settings.compaction_gather_runs is not None and load == "moderate":
                 gathered_tables = result["tables"]
     costs: dict[str, list[dict[str, float]]] = {"vllm": [], "tinyserve": []}
     for num_blocks in (10_000, args.big_blocks):
@@ -557,7 +558,7 @@ def main(argv: list[str] | None = None) -> int:
     stem = args.out_dir / f"allocator-{'quick-' if args.quick else ''}{stamp}"
     report = {
         "benchmark": "allocator",
-        "machine": {**provenance.machine(), "commit": provenance.commit()},
+        "machine": provenance.stamp(),
         "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "baseline": "vLLM 0.29 BlockPool (stock), same trace, same process, same run",
         "trace": {"requests": len(trace), "seed": args.seed, "block_size": args.block_size},

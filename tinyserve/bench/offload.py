@@ -118,9 +118,9 @@ def gather_tables(tables: list[list[int]], *, num_blocks: int, block_bytes: int,
 
 def make_tables(path: Path, *, limit: int = 200) -> None:
     """Replay the allocator benchmark's moderate load through both pools (CPU, vLLM), and through TinyServe's
-    gathering requests together (`compaction_gather_runs=2`), and write the first `limit` finished
+    gathering requests together (`compaction_gather_runs=GATHER_RUNS`), and write the first `limit` finished
     requests' block tables of each to `path`."""
-    from tinyserve.bench.allocator import LOADS, REPLAY, replay
+    from tinyserve.bench.allocator import GATHER_RUNS, LOADS, REPLAY, replay
     from tinyserve.bench.kv_trace import make_trace
     from tinyserve.engine.block_pool import uninstall_block_pool
     from tinyserve.engine.settings import AllocatorSettings
@@ -130,7 +130,7 @@ def make_tables(path: Path, *, limit: int = 200) -> None:
                            "load": "moderate", "num_blocks": LOADS["moderate"], "block_size": REPLAY["block_size"],
                            "trace": REPLAY, "tables": {}}
     for name, ours, compaction in (("vllm", False, None), ("tinyserve", True, None),
-                                   ("tinyserve_gathering", True, AllocatorSettings(compaction_gather_runs=2))):
+                                   ("tinyserve_gathering", True, AllocatorSettings(compaction_gather_runs=GATHER_RUNS))):
         print(f"[offload] replay (moderate load) through {name} pool ...", flush=True)
         run = replay(trace, ours=ours, num_blocks=LOADS["moderate"], block_size=REPLAY["block_size"], sample_every=50,
                      compaction=compaction)

@@ -8,7 +8,7 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-__all__ = ["commit", "machine"]
+__all__ = ["commit", "machine", "stamp"]
 
 
 def commit() -> str:
@@ -31,3 +31,8 @@ def machine(card: str | None = None) -> dict[str, Any]:
     """The host (platform, processor, cores, Python) and the accelerator named `card`, if any."""
     return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
             "cpu_count": os.cpu_count(), "python": platform.python_version(), "card": card}
+
+
+def stamp() -> dict[str, Any]:
+    """`machine()` with the `commit()` that ran: what a CPU benchmark's JSON records of where it came from."""
+    return {**machine(), "commit": commit()}

@@ -261,7 +261,7 @@ def decision_latency_at_scale(replicas: int = 64, blocks_per_replica: int = 100_
 
 def machine() -> dict[str, Any]:
     """The host and the commit that ran (bench/provenance.py)."""
-    return {**provenance.machine(), "commit": provenance.commit()}
+    return provenance.stamp()
 
 
 def _load_calibration(path: str | None) -> tuple[ReplicaModel, CostWeights, str]:

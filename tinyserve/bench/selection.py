@@ -46,7 +46,7 @@ DEFAULT_FRACTIONS = [1 / 32, 1 / 16, 1 / 8, 1 / 4, 1 / 2, 1.0]
 
 
 def _machine() -> dict[str, Any]:
-    return {**provenance.machine(), "commit": provenance.commit(), "device": "cpu",
+    return {**provenance.stamp(), "device": "cpu",
             "load_average_at_start": list(os.getloadavg())}
 
 
