@@ -242,9 +242,7 @@ def page_scores(query: Tensor, key_min: Tensor, key_max: Tensor, block_tables: T
     """Query-aware page scores, fp32 [B, Hkv, max_pages] (-inf past each sequence)."""
     b, hq, d = query.shape
     hkv = key_min.shape[1]
-    ok = (cuda_enabled(query, key_min, key_max) and query.dtype in _TYPES and key_min.dtype == query.dtype
-          and d in (64, 128) and hq // hkv in (1, 2, 4, 8) and block_size & (block_size - 1) == 0)
-    if not ok:
+    if not (cuda_enabled(query, key_min, key_max) and _scorable(query, key_min, block_size)):
         return reference.page_scores(query, key_min, key_max, block_tables, seq_lens, block_size)
     bt = _i32(block_tables)
     p = bt.shape[1]
