@@ -293,9 +293,10 @@ def test_dashboard_metrics_are_ones_tinyserve_exports():
     known = set(metric_names()) | router_names
     used = {re.sub(r"_(bucket|sum|count)$", "", m) for e in dashboard_exprs() for m in re.findall(r"\btinyserve_[a-z_]+", e)}
     assert used and used <= known, used - known
-    # Every replica metric is on the dashboard except the block size and the preemption total (which the
-    # engine reports only once the stats channel counts preemptions).
-    assert set(metric_names()) - used == {"tinyserve_kv_block_size_tokens", "tinyserve_scheduler_preemptions_total"}
+    # Every replica metric is on the dashboard except the block size and the preemption and abort totals
+    # (rare events, for alerts and incident reading rather than a panel).
+    assert set(metric_names()) - used == {"tinyserve_kv_block_size_tokens", "tinyserve_scheduler_preemptions_total",
+                                       "tinyserve_scheduler_aborted_requests_total"}
 
 
 def test_every_dashboard_expression_parses_as_promql(tmp_path):

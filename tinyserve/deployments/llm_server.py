@@ -124,6 +124,7 @@ class TinyServeLLMServer(KVPressureSignals, LLMServer):
         sched = self.last_stats.get("scheduler", {})
         stats["num_running"] = sched.get("num_running", 0)
         stats["num_waiting"] = sched.get("num_waiting", 0)
+        stats["num_aborted_total"] = sched.get("num_aborted_total", 0)
         stats["stats_age_s"] = time.monotonic() - self._last_stats_at if self._last_stats_at else None
         return stats
 

@@ -112,6 +112,8 @@ METRIC_SPECS: tuple[MetricSpec, ...] = (
     _g("tinyserve_scheduler_running_requests", "scheduler", "num_running", "Requests running in the engine core's scheduler."),
     _g("tinyserve_scheduler_waiting_requests", "scheduler", "num_waiting", "Requests waiting in the engine core's scheduler."),
     _c("tinyserve_scheduler_preemptions_total", "scheduler", "num_preemptions_total", "Requests preempted for lack of KV blocks."),
+    _c("tinyserve_scheduler_aborted_requests_total", "scheduler", "num_aborted_total",
+       "Requests the front end ended before the engine did (client gone, cancelled, stop string)."),
 )
 
 
