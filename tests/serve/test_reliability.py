@@ -246,7 +246,7 @@ class _KVWatcher:
                     self.held.add(pid)
             time.sleep(0.1)
 
-    def __enter__(self) -> "_KVWatcher":
+    def __enter__(self) -> _KVWatcher:
         self._thread.start()
         return self
 

@@ -56,7 +56,7 @@ def _snapshot(step: int) -> dict:
         "plugin": {"pid": 1, "features": ["stats"]},
         "kv": kv,
         "selection": selection,
-        "scheduler": {"num_running": step, "num_waiting": 2, "num_preemptions_total": step},
+        "scheduler": {"num_running": step, "num_waiting": 2, "num_preemptions_total": step, "num_aborted_total": step},
     }
 
 
