@@ -236,13 +236,25 @@ class _KVWatcher:
 
     def __init__(self, serve_app, idle: dict[int, dict]) -> None:
         self.held: set[int] = set()
+        self.samples: list[dict] = []  # per sample: replica pid -> (running, free blocks, stats age, engine pid)
+        self.errors: list[str] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._watch, args=(serve_app, idle), daemon=True)
 
     def _watch(self, serve_app, idle) -> None:
         while not self._stop.is_set():
-            for pid, v in _kv(serve_app).items():
-                if pid in idle and v["running"] > 0 and v["free"] < idle[pid]["free"]:
+            try:
+                stats = serve_app.replica_stats()
+            except Exception as exc:  # reported with the samples; the test then fails on `held`
+                self.errors.append(repr(exc))
+                time.sleep(0.1)
+                continue
+            self.samples.append({s["replica_pid"]: (s["num_running"], s["kv"].get("num_free_blocks"),
+                                                    round(s["stats_age_s"] or -1, 2), s.get("engine_pid"),
+                                                    s["num_waiting"])
+                                 for s in stats})
+            for pid, (running, free, *_) in self.samples[-1].items():
+                if pid in idle and running > 0 and free is not None and free < idle[pid]["free"]:
                     self.held.add(pid)
             time.sleep(0.1)
 
@@ -257,9 +269,9 @@ class _KVWatcher:
 
 def test_client_disconnect_mid_stream_frees_kv_blocks(url, serve_app):
     """A client that leaves mid-stream gets its engine request aborted (counted by the engine core's
-    scheduler) and the KV blocks it held back. An attempt in which the engine finished all the tokens
-    before the client had read its share (nothing left to abort: a loaded machine delays the stream)
-    is repeated once with a new request; both attempts are reported."""
+    scheduler), after it left and not before, and the KV blocks it held back. An attempt whose request the
+    engine finished before the client left (nothing left to abort) is repeated once with a new request;
+    the attempts are reported."""
     _wait_for_replicas(serve_app, 2, 600)
     max_tokens = 2000
     attempts = []
@@ -274,7 +286,10 @@ def test_client_disconnect_mid_stream_frees_kv_blocks(url, serve_app):
             with httpx.Client(timeout=120) as c:
                 with c.stream("POST", url + "/v1/completions", json=body) as r:
                     assert r.status_code == 200
-                    for line in r.iter_lines():
+                    # Kept referenced: a dropped line iterator is finalised at once, and its finalisation
+                    # closes the connection (that would be the disconnect, too early to observe).
+                    lines = r.iter_lines()
+                    for line in lines:
                         if line.startswith("data: "):
                             events.append(line)
                         if len(events) >= 40:
@@ -283,8 +298,10 @@ def test_client_disconnect_mid_stream_frees_kv_blocks(url, serve_app):
                     seen_by = time.monotonic() + 15
                     while not watcher.held and time.monotonic() < seen_by:
                         time.sleep(0.05)
+                    aborted_while_connected = {pid: n - aborted_before.get(pid, 0) for pid, n in _aborted(serve_app).items()}
                 # Leaving the `with` closes the connection mid-stream.
                 left_at = time.monotonic()
+                lines.close()
             # The stream was cut by us, not ended by the server with an error or [DONE].
             assert len(events) >= 40 and all(e.startswith("data: {") and '"error"' not in e for e in events), events[-3:]
             deadline = left_at + 60
@@ -297,12 +314,16 @@ def test_client_disconnect_mid_stream_frees_kv_blocks(url, serve_app):
                 time.sleep(0.25)
             freed_after = time.monotonic() - left_at
         attempt = {"read_40_events_s": round(left_at - started, 2), "aborted": aborted, "kv": now,
-                   "held": sorted(watcher.held), "freed_after_s": round(freed_after, 2)}
+                   "aborted_while_connected": aborted_while_connected,
+                   "held": sorted(watcher.held), "freed_after_s": round(freed_after, 2),
+                   "watcher_errors": watcher.errors[:3], "samples": watcher.samples[:: max(1, len(watcher.samples) // 8)],
+                   "events": [e[:160] for e in events[:2] + events[-1:]]}
         attempts.append(attempt)
         if sum(aborted.values()) >= 1 or not back:
             break
     print(f"\ndisconnect attempts: {attempts}")
     assert back, attempts  # every replica's KV is back to its idle count
+    assert not any(attempt["aborted_while_connected"].values()), attempts  # the abort followed the disconnect
     # The engine aborted exactly this request, on the replica that was seen holding its KV blocks.
     assert sum(aborted.values()) == 1, attempts
     victim = next(pid for pid, n in aborted.items() if n == 1)
