@@ -246,3 +246,38 @@ def test_rooms_and_reservations_are_handed_out_under_pressure() -> None:
             pool.check_invariants()
             assert pool.get_num_free_blocks() == 127
     assert results[True] == results[False]
+
+
+def test_a_request_object_carries_its_placement_in_one_pool_only() -> None:
+    """The placement cached on the request object is its pool's and only while the pool holds it: a second
+    pool placing the same request object, and the request coming back after the pool forgot it (a
+    preemption), both start from a placement of their own."""
+    from tinyserve.bench.allocator import _FakeRequest
+
+    first, second = BestFitBlockPool(64, True, BLOCK), BestFitBlockPool(64, True, BLOCK)
+    request = _FakeRequest("r", 2 * BLOCK, 6 * BLOCK)
+
+    def grow(pool: BestFitBlockPool, n: int) -> list[int]:
+        pool.begin_request(request)
+        try:
+            return [b.block_id for b in pool.get_new_blocks(n)]
+        finally:
+            pool.end_request()
+
+    held_first = grow(first, 2) + grow(first, 1)
+    assert held_first == list(range(held_first[0], held_first[0] + 3))
+    # The second pool knows nothing of the first one's table: its blocks come from its own state.
+    second.begin_request(request)
+    assert second._current is not first._placements["r"] and second._current.held == 0
+    second.end_request()
+    grow(second, 2)
+    assert second._placements["r"].held == 2 and first._placements["r"].held == 3
+    first.check_invariants()
+    second.check_invariants()
+    # Forgotten (preempted: blocks freed), then back: held and tail start again.
+    first.free_blocks([first.blocks[i] for i in reversed(held_first)])
+    first.forget_request("r")
+    first.begin_request(request)
+    assert first._current.held == 0 and first._current.tail == -2 and first._placements["r"] is first._current
+    first.end_request()
+    first.check_invariants()

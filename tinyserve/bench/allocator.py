@@ -327,7 +327,8 @@ def replay(trace: list, *, ours: bool, num_blocks: int, block_size: int, sample_
 class _FakeRequest:
     """What the pool reads from a vLLM Request when it places blocks."""
 
-    __slots__ = ("request_id", "num_prompt_tokens", "max_tokens", "num_output_tokens", "status")
+    __slots__ = ("request_id", "num_prompt_tokens", "max_tokens", "num_output_tokens", "status",
+                 "_tinyserve_placement")
 
     def __init__(self, request_id: str, prompt_tokens: int, max_tokens: int) -> None:
         self.request_id = request_id

@@ -83,14 +83,22 @@ class _FreeQueueView:
         return [b for b in self._pool.blocks if self._pool._free_mask[b.block_id]]
 
 
+# The request object carries its placement under this name (a cache of `BestFitBlockPool._placements`:
+# `begin_request` runs on every allocation, and one attribute on the request it already reads costs less
+# than a lookup in a dict of every running request).
+_PLACEMENT_ATTR = "_tinyserve_placement"
+
+
 class _Placement:
-    """Placement state of one request that is running or allocating: its vLLM Request, the id of the
-    last block of its table (-2 before it holds one), how many blocks its table holds, and its
-    reservation (the same list as `BestFitBlockPool._reservations[request id]`, or None)."""
+    """Placement state of one request that is running or allocating, in one pool: the pool, its vLLM
+    Request (None once the pool forgot it), the id of the last block of its table (-2 before it holds
+    one), how many blocks its table holds, and its reservation (the same list as
+    `BestFitBlockPool._reservations[request id]`, or None)."""
 
-    __slots__ = ("request", "tail", "held", "span")
+    __slots__ = ("pool", "request", "tail", "held", "span")
 
-    def __init__(self, request: Any) -> None:
+    def __init__(self, pool: Any, request: Any) -> None:
+        self.pool = pool
         self.request = request
         self.tail = -2
         self.held = 0
@@ -770,9 +778,15 @@ class BestFitBlockPool(BlockPool):
     # ---- request context (called by the KVCacheManager wrappers) -------------------------------
 
     def begin_request(self, request: Any) -> None:
-        placement = self._placements.get(request.request_id)
-        if placement is None:
-            placement = self._placements[request.request_id] = _Placement(request)
+        placement = getattr(request, _PLACEMENT_ATTR, None)
+        if placement is None or placement.pool is not self or placement.request is None:
+            placement = self._placements.get(request.request_id)
+            if placement is None:
+                placement = self._placements[request.request_id] = _Placement(self, request)
+            try:
+                setattr(request, _PLACEMENT_ATTR, placement)
+            except AttributeError:  # a request type without room for it: the dict lookup every time
+                pass
         self._current = placement
 
     def end_request(self) -> None:
@@ -789,6 +803,8 @@ class BestFitBlockPool(BlockPool):
         self._drop_room(request_id)
         placement = self._placements.pop(request_id, None)
         request = placement.request if placement is not None else None
+        if placement is not None:
+            placement.request = None  # a request that comes back (preempted) gets a new placement
         if request is not None and request.is_finished():
             alpha = self.settings.output_mean_weight
             produced = float(request.num_output_tokens)
@@ -849,6 +865,9 @@ class BestFitBlockPool(BlockPool):
         assert reserved == {i for i, r in enumerate(self._reserved_mask) if r}
         assert self._owner_at == {span[1]: rid for rid, span in self._reservations.items()}
         for rid, placement in self._placements.items():
+            assert placement.pool is self and placement.request.request_id == rid
+            cached = getattr(placement.request, _PLACEMENT_ATTR, placement)  # or another pool's, if shared
+            assert cached is placement or cached.pool is not self
             assert placement.span is self._reservations.get(rid)
         for rid, (nxt, end) in self._reservations.items():  # never adjacent: the owner scan finds starts
             assert nxt == 0 or not self._reserved_mask[nxt - 1]
