@@ -15,7 +15,9 @@ and gets a plain dict (msgspec-serialisable) back. Sections:
 
 from __future__ import annotations
 
+import functools
 import os
+from collections.abc import Callable
 from typing import Any
 
 from tinyserve.engine.settings import EngineSettings
@@ -69,38 +71,33 @@ def install_stats_channel(settings: EngineSettings) -> None:
 
     if not hasattr(EngineCore, STATS_METHOD):
         setattr(EngineCore, STATS_METHOD, collect_engine_stats)
-    _count_preemptions()
-    _count_aborts()
+    _count_into(PREEMPTIONS_ATTR, "_preempt_request", lambda args, kwargs, result: 1)
+    _count_into(ABORTS_ATTR, "finish_requests", _aborted)
 
 
-def _count_preemptions() -> None:
-    from vllm.v1.core.sched.scheduler import Scheduler
-
-    stock = Scheduler._preempt_request
-    if getattr(stock, "_tinyserve_counted", False):
-        return
-
-    def preempt_and_count(self: Any, *args: Any, **kwargs: Any) -> Any:
-        setattr(self, PREEMPTIONS_ATTR, getattr(self, PREEMPTIONS_ATTR, 0) + 1)
-        return stock(self, *args, **kwargs)
-
-    preempt_and_count._tinyserve_counted = True  # type: ignore[attr-defined]
-    Scheduler._preempt_request = preempt_and_count
-
-
-def _count_aborts() -> None:
-    from vllm.v1.core.sched.scheduler import Scheduler
+def _aborted(args: tuple, kwargs: dict, result: Any) -> int:
+    """How many requests a `Scheduler.finish_requests(request_ids, finished_status)` call ended as aborted
+    (it returns the requests it finished)."""
     from vllm.v1.request import RequestStatus
 
-    stock = Scheduler.finish_requests
+    status = kwargs["finished_status"] if "finished_status" in kwargs else args[1]
+    return len(result or ()) if status == RequestStatus.FINISHED_ABORTED else 0
+
+
+def _count_into(attr: str, method: str, how_many: Callable[[tuple, dict, Any], int]) -> None:
+    """Wrap `Scheduler.<method>` (once) so that each call adds `how_many(args, kwargs, result)` to the
+    scheduler's `attr` (read by `collect_engine_stats`)."""
+    from vllm.v1.core.sched.scheduler import Scheduler
+
+    stock = getattr(Scheduler, method)
     if getattr(stock, "_tinyserve_counted", False):
         return
 
-    def finish_and_count(self: Any, request_ids: Any, finished_status: Any) -> Any:
-        finished = stock(self, request_ids, finished_status)
-        if finished_status == RequestStatus.FINISHED_ABORTED and finished:
-            setattr(self, ABORTS_ATTR, getattr(self, ABORTS_ATTR, 0) + len(finished))
-        return finished
+    @functools.wraps(stock)
+    def call_and_count(self: Any, *args: Any, **kwargs: Any) -> Any:
+        result = stock(self, *args, **kwargs)
+        setattr(self, attr, getattr(self, attr, 0) + how_many(args, kwargs, result))
+        return result
 
-    finish_and_count._tinyserve_counted = True  # type: ignore[attr-defined]
-    Scheduler.finish_requests = finish_and_count
+    call_and_count._tinyserve_counted = True  # type: ignore[attr-defined]
+    setattr(Scheduler, method, call_and_count)
