@@ -216,25 +216,24 @@ def gather_requests(manager: Any, pool: Any, owners: dict[int, tuple[str, int]],
     return moves
 
 
-def compaction_due(pool: Any, settings: AllocatorSettings) -> bool:
-    """Whether the free space's scatter passes the settings' threshold (or compaction is forced)."""
+def compaction_due(free_mask: np.ndarray, settings: AllocatorSettings) -> bool:
+    """Whether the scatter of the free space (`free_mask`: 1 per free block) passes the settings'
+    threshold (or compaction is forced)."""
     if settings.force_compaction_every_step:
         return True
     if settings.compaction_scatter_threshold is None:
         return False
-    from tinyserve.engine.fragmentation import free_run_lengths
+    from tinyserve.engine.fragmentation import free_run_lengths, free_space_scatter
 
-    lengths = free_run_lengths(np.frombuffer(bytes(pool.free_mask), dtype=np.uint8))
-    free_blocks = int(lengths.sum())
-    scatter = 1.0 - int(lengths.max()) / free_blocks if free_blocks else 0.0
-    return scatter > settings.compaction_scatter_threshold
+    return free_space_scatter(free_run_lengths(free_mask)) > settings.compaction_scatter_threshold
 
 
-def compaction_pairs(pool: Any, owners: dict[int, tuple[str, int]], settings: AllocatorSettings) -> list[tuple[int, int]]:
-    """The (src, dst) moves `plan_compaction` picks for blocks that may move (`owners`' keys)."""
+def compaction_pairs(pool: Any, free_mask: np.ndarray, owners: dict[int, tuple[str, int]],
+                     settings: AllocatorSettings) -> list[tuple[int, int]]:
+    """The (src, dst) moves `plan_compaction` picks for blocks that may move (`owners`' keys), `free_mask`
+    being the pool's free blocks now."""
     if not owners:
         return []
-    free_mask = np.frombuffer(bytes(pool.free_mask), dtype=np.uint8)
     movable = np.zeros(free_mask.size, dtype=np.uint8)
     movable[np.fromiter(owners.keys(), dtype=np.int64)] = 1
     destinations = np.frombuffer(bytes(pool.placeable_mask()), dtype=np.uint8)
@@ -246,14 +245,15 @@ def compact(manager: Any, pool: Any, owners: Callable[[], dict[int, tuple[str, i
     """One compaction, if one is due: gathering (`compaction_gather_runs`) or coalescing free space.
     `owners()` gives the blocks that may move (called only when there is something to plan). Returns the
     moves made (sources retained: free them once the copies have run)."""
+    moves: list[BlockMove] = []
     if settings.compaction_gather_runs is not None:
         moves = gather_requests(manager, pool, owners(), settings)
-    elif compaction_due(pool, settings):
-        movable = owners()
-        pairs = compaction_pairs(pool, movable, settings)
-        moves = move_blocks(manager, pool, movable, pairs) if pairs else []
     else:
-        moves = []
+        free_mask = np.frombuffer(bytes(pool.free_mask), dtype=np.uint8)   # a copy: the moves change the pool's
+        if compaction_due(free_mask, settings):
+            movable = owners()
+            pairs = compaction_pairs(pool, free_mask, movable, settings)
+            moves = move_blocks(manager, pool, movable, pairs) if pairs else []
     if moves:
         pool.counters["compactions_total"] += 1
     return moves

@@ -28,6 +28,7 @@ import numpy as np
 __all__ = [
     "STATS_KEYS",
     "free_run_lengths",
+    "free_space_scatter",
     "count_runs",
     "kv_snapshot",
     "pool_kv_stats",
@@ -62,6 +63,12 @@ def free_run_lengths(free_mask: Any) -> np.ndarray:
     padded = np.concatenate(([0], mask.astype(np.int8, copy=False), [0]))
     edges = np.diff(padded)
     return np.flatnonzero(edges == -1) - np.flatnonzero(edges == 1)
+
+
+def free_space_scatter(run_lengths: np.ndarray) -> float:
+    """1 - largest free run / free blocks (0 when nothing is free), from `free_run_lengths`."""
+    free_blocks = int(run_lengths.sum())
+    return 1.0 - int(run_lengths.max()) / free_blocks if free_blocks else 0.0
 
 
 def count_runs(block_ids: Sequence[int]) -> int:
@@ -108,7 +115,7 @@ def kv_snapshot(
         "effective_capacity": tokens / (in_use * block_size) if in_use else 1.0,
         "free_runs": int(lengths.size),
         "largest_free_run": largest,
-        "free_space_scatter": 1.0 - largest / free_blocks if free_blocks else 0.0,
+        "free_space_scatter": free_space_scatter(lengths),
         "runs_per_request_mean": float(np.mean(runs)) if runs else 0.0,
         "runs_per_request_max": max(runs) if runs else 0,
     }
