@@ -243,11 +243,10 @@ def main(argv: list[str] | None = None) -> int:
     from ray import serve
 
     from tinyserve import serving
-    from tinyserve.bench.router_sim import machine
-    from tinyserve.deployments.config import load_config
-
+    from tinyserve.bench import provenance
     from tinyserve.cache_router.block_hashing import BlockHasher
     from tinyserve.cache_router.request_tokenizer import RequestTokenizer
+    from tinyserve.deployments.config import load_config
 
     model_dir = os.path.abspath(args.model_dir or f"models/tinyserve-{args.model}")
     metrics_port, http_port = free_port(), free_port()
@@ -304,7 +303,7 @@ def main(argv: list[str] | None = None) -> int:
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    doc = {"benchmark": "router-live", "machine": machine(), "args": vars(args), "calibration": calibration,
+    doc = {"benchmark": "router-live", "machine": provenance.stamp(), "args": vars(args), "calibration": calibration,
            "results": results, "aggregate": _aggregate(results), "wall_s": time.time() - t_all,
            "baselines_in_same_run": [r for r in args.routers.split(",") if r != "query_aware"]}
     path = out / f"router-live-{stamp}.json"

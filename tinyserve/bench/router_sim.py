@@ -259,11 +259,6 @@ def decision_latency_at_scale(replicas: int = 64, blocks_per_replica: int = 100_
             "max_s": lat[-1]}
 
 
-def machine() -> dict[str, Any]:
-    """The host and the commit that ran (bench/provenance.py)."""
-    return provenance.stamp()
-
-
 def _load_calibration(path: str | None) -> tuple[ReplicaModel, CostWeights, str]:
     if path is None:
         found = sorted(glob.glob("benchmarks/results/router-live-*.json"))
@@ -324,7 +319,7 @@ def main(argv: list[str] | None = None) -> int:
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    result = {"benchmark": "router-sim", "machine": machine(), "calibration_source": cal_src,
+    result = {"benchmark": "router-sim", "machine": provenance.stamp(), "calibration_source": cal_src,
               "replica_model": asdict(model), "cost_weights": asdict(weights), "rows": rows,
               "decision_latency_probe": probe, "args": vars(args)}
     path = out / f"router-sim-{stamp}.json"
