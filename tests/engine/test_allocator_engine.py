@@ -7,8 +7,8 @@ policy) plus compaction forced at every scheduler step. Greedy outputs must be i
 channel must show the allocator's numbers. A third engine (32 blocks) runs three side-by-side prefills
 twice with compaction every step: compaction must really move blocks, and both rounds (the second hits
 the prefix cache) must equal stock vLLM's outputs. A fourth engine runs the six prompts twice with
-gathering instead of free-space compaction: blocks must move and both rounds equal stock's outputs. (The allocator without compaction was checked the same way separately; one engine
-covers both to keep CI short.)
+gathering instead of free-space compaction: blocks must move and both rounds equal stock's outputs. (The
+allocator without compaction was checked the same way separately; one engine covers both to keep CI short.)
 """
 
 from __future__ import annotations
