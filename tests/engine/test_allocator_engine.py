@@ -23,7 +23,12 @@ from tinyserve.engine.settings import AllocatorSettings, EngineSettings
 pytestmark = pytest.mark.slow
 
 ENGINE_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "nobind", "HF_HUB_OFFLINE": "1"}
+# float32: a prompt served again hits the prefix cache and computes only its tail, in other chunks than the
+# first time; in bfloat16 that alone moves logits enough to flip a greedy token (stock vLLM's own second
+# round of PROMPTS differs from its first at request 5, token 51), which would hide what these tests check:
+# that the KV a request reads is the KV it wrote, wherever its blocks moved.
 ENGINE_ARGS = dict(
+    dtype="float32",
     block_size=32,
     max_model_len=1024,
     enforce_eager=True,

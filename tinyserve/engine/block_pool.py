@@ -841,6 +841,11 @@ class BestFitBlockPool(BlockPool):
         start = self._runs.best_fit(num)
         return start if start is not None else self._cold.best_fit(num)
 
+    def gatherable(self, block_id: int) -> bool:
+        """Whether compaction may move a block into free block `block_id`: placeable, or never-hit cached
+        (as `gather_destination`'s runs)."""
+        return self._runs.contains(block_id) or self._cold.contains(block_id)
+
     def claim_block(self, block_id: int) -> None:
         """Allocate one given free block (compaction's destinations); its cache entry, if any, is evicted."""
         self._take_specific(block_id)

@@ -7,8 +7,9 @@ it moves to a free block outside it. A window is eligible only if each allocated
 old unused cache, never reserved or recently used cache) lie outside it. At most `max_moves` moves per
 plan; a partial plan is progress toward the same window.
 
-Gathering (`gather_requests`, `compaction_gather_runs`) instead moves all of one request's own blocks into
-one free run when they lie in several. `compact` picks the mode; the engine (`compact_step`) and the
+Gathering (`gather_requests`, `compaction_gather_runs`) instead makes one request's own blocks one stretch
+in table order when they lie in several runs: around one of its runs left in place where the blocks around
+it are free (fewest copies), else in a free run of their own. `compact` picks the mode; the engine (`compact_step`) and the
 allocator benchmark's trace replay run the same code.
 
 Apply (`compact_step`, in the engine-core process, right after vLLM's scheduler built a step): only
@@ -188,8 +189,10 @@ def _send_moves(scheduler: Any, output: Any, moves: list[BlockMove]) -> list[Blo
 def gather_requests(manager: Any, pool: Any, owners: dict[int, tuple[str, int]],
                     settings: AllocatorSettings) -> list[BlockMove]:
     """Move each request's own blocks (its keys in `owners`) whose ids lie in at least
-    `settings.compaction_gather_runs` runs into one free run (`pool.gather_destination`), in table order,
-    requests with the most runs first, at most `compaction_max_moves` copies in all. Returns the moves."""
+    `settings.compaction_gather_runs` runs into one stretch, in table order, requests with the most runs
+    first, at most `compaction_max_moves` copies in all. The stretch keeps one of the request's runs in
+    place where the blocks around it can take the rest (`_gather_in_place`, fewest copies), else it is a
+    free run of its own (`pool.gather_destination`). Returns the moves."""
     from tinyserve.engine.fragmentation import count_runs
 
     own: dict[str, list[tuple[int, int]]] = {}
@@ -205,15 +208,48 @@ def gather_requests(manager: Any, pool: Any, owners: dict[int, tuple[str, int]],
     budget = settings.compaction_max_moves
     moves: list[BlockMove] = []
     for _, rid, blocks in candidates:
-        if len(blocks) > budget:
-            continue
-        start = pool.gather_destination(len(blocks))
-        if start is None:
-            continue
-        pairs = [(block_id, start + k) for k, (_, block_id) in enumerate(blocks)]
+        pairs = _gather_in_place(pool, blocks, budget)
+        if pairs is None:
+            if len(blocks) > budget:
+                continue
+            start = pool.gather_destination(len(blocks))
+            if start is None:
+                continue
+            pairs = [(block_id, start + k) for k, (_, block_id) in enumerate(blocks)]
         moves += move_blocks(manager, pool, owners, pairs)
-        budget -= len(blocks)
+        budget -= len(pairs)
     return moves
+
+
+def _gather_in_place(pool: Any, blocks: list[tuple[int, int]], budget: int) -> list[tuple[int, int]] | None:
+    """(src, dst) pairs that put `blocks` ((table index, block id), ascending index) at ids in table order
+    around one of their runs left in place: the fewest copies among the runs whose window (the ids the
+    other blocks must take) holds only blocks of the request already in their place or blocks a gather may
+    claim (`pool.gatherable`). None when no window works within `budget` copies."""
+    first_index = blocks[0][0]
+    count = len(blocks)
+    span = blocks[-1][0] - first_index + 1   # the window's length (indices of shared blocks stay unused)
+    best: list[tuple[int, int]] | None = None
+    position = 0
+    while position < count:  # each run of the request: ids ascending by one with the index
+        end = position + 1
+        while end < count and blocks[end][1] == blocks[end - 1][1] + 1:
+            end += 1
+        base = blocks[position][1] - (blocks[position][0] - first_index)   # id that index first_index gets
+        if base > 0 and base + span <= pool.num_gpu_blocks:
+            pairs = []
+            for index, block_id in blocks:
+                dst = base + index - first_index
+                if dst == block_id:
+                    continue
+                if not pool.gatherable(dst) or len(pairs) >= budget:
+                    pairs = None
+                    break
+                pairs.append((block_id, dst))
+            if pairs is not None and (best is None or len(pairs) < len(best)):
+                best = pairs
+        position = end
+    return best
 
 
 def compaction_due(free_mask: np.ndarray, settings: AllocatorSettings) -> bool:
