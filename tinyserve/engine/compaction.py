@@ -9,8 +9,8 @@ plan; a partial plan is progress toward the same window.
 
 Gathering (`gather_requests`, `compaction_gather_runs`) instead makes one request's own blocks one stretch
 in table order when they lie in several runs: around one of its runs left in place where the blocks around
-it are free (fewest copies), else in a free run of their own. `compact` picks the mode; the engine (`compact_step`) and the
-allocator benchmark's trace replay run the same code.
+it are free (fewest copies), else in a free run of their own. `compact` picks the mode; the engine
+(`compact_step`) and the allocator benchmark's trace replay run the same code.
 
 Apply (`compact_step`, in the engine-core process, right after vLLM's scheduler built a step): only
 requests that run this step as cached requests move. Each move (request, table index, src, dst) claims
