@@ -146,8 +146,8 @@ def test_prefix_hits_after_compaction_read_right_kv(stock, repeated) -> None:
 
 
 def test_gathering_moves_requests_together_and_outputs_stay(stock, gathering) -> None:
-    # Gathering moves every own block of a request that lies in two or more runs into one free run (a cached
-    # block there is evicted); the copies go through the same path as free-space compaction's, so outputs,
+    # Gathering makes the own blocks of a request that lies in two or more runs one stretch (a cached block
+    # moved into is evicted); the copies go through the same path as free-space compaction's, so outputs,
     # and round two's prefix hits on moved blocks, must still equal stock vLLM's.
     (first, second), (stats_first, stats_second) = gathering
     assert stats_first["kv"]["blocks_moved_total"] > 0
