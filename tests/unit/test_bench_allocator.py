@@ -38,3 +38,7 @@ def test_quick_run_writes_json_and_png(tmp_path, capsys) -> None:
     copies = report["offload_copy_cpu"]["tinyserve"]
     assert copies["by_runs_copy_calls_per_request"] == copies["runs_per_request"]
     assert copies["by_blocks_copy_calls_per_request"] >= copies["by_runs_copy_calls_per_request"]
+    pick = report["gather_pick_cost"]
+    assert pick["blocks"] == pick["num_requests"] * 400
+    assert pick["tinyserve_ms_per_step"] > 0 and pick["full_read_ms_per_step"] > 0
+    assert "reading every table ms/step" in printed

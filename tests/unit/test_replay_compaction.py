@@ -52,6 +52,7 @@ def test_replay_without_compaction_moves_nothing() -> None:
 
 def _own_runs(gather: bool) -> tuple[float, KVDriver]:
     from tinyserve.engine.fragmentation import count_runs
+    from tinyserve.engine.own_runs import count_own_runs
 
     settings = AllocatorSettings(compaction_gather_runs=2)
     _use_pool(True)
@@ -61,6 +62,11 @@ def _own_runs(gather: bool) -> tuple[float, KVDriver]:
 
     def on_step(driver: KVDriver) -> None:
         pool.check_invariants()
+        tables = manager.coordinator.single_type_managers[0].req_to_blocks
+        for rid, table in tables.items():   # the incremental count gathering picks by equals a full read
+            scan = pool.table_scan(rid)
+            if scan is not None:
+                assert scan.own_runs(table) == count_own_runs(table), rid
 
     driver = KVDriver(manager, 32, on_step=on_step, compaction=settings if gather else None,
                       on_finish=lambda d, rid, table, hits: own.append(count_runs(table[hits:])))

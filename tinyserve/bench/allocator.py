@@ -17,6 +17,8 @@
 3. What contiguity buys: each finished request's KV gathered into one buffer, as an offload or a transfer
    would, by runs (one copy per run) and block by block, on CPU: copy calls per request and GB/s
    (`tinyserve bench offload` measures the same on a GPU, with the block-copy kernel too).
+4. What gathering costs a scheduler step to find the requests to gather, at 256 requests of 400 blocks:
+   TinyServe's per-request own-run counts against reading every table each step (`gather_pick_cost`).
 
 Writes benchmarks/results/allocator-<date>.json and .png (scatter and runs per running request over time).
 """
@@ -37,7 +39,7 @@ import numpy as np
 
 from tinyserve.bench import provenance
 
-__all__ = ["main", "replay", "op_cost", "RUN_CAUSES", "LOADS", "REPLAY", "GATHER_RUNS"]
+__all__ = ["main", "replay", "op_cost", "gather_pick_cost", "RUN_CAUSES", "LOADS", "REPLAY", "GATHER_RUNS"]
 
 RESULTS = Path("benchmarks/results")
 # Pool sizes of the two loads: the default trace peaks near a third of the moderate pool and at about two
@@ -433,6 +435,55 @@ def op_cost(*, num_blocks: int, ops: int, seed: int, repeats: int = 3) -> dict[s
     return best
 
 
+def gather_pick_cost(*, num_requests: int = 256, blocks_per_request: int = 400, steps: int = 64,
+                     seed: int = 0) -> dict[str, float]:
+    """ms per scheduler step that gathering spends finding which running requests lie in several runs, with
+    `num_requests` requests of `blocks_per_request` blocks each in TinyServe's pool, 1 in 32 of them growing
+    by a block each step (decode at 32-token blocks): TinyServe's `gather_requests` (own-run counts kept per
+    request, `own_runs.TableScan`) against reading every table each step (`owned_blocks` and a run count per
+    request: what gathering did before). Medians over `steps` steps, in alternation."""
+    from tinyserve.engine.block_pool import BestFitBlockPool
+    from tinyserve.engine.compaction import gather_requests, owned_blocks
+    from tinyserve.engine.fragmentation import count_runs
+    from tinyserve.engine.settings import AllocatorSettings
+
+    class _Tables:   # what gathering reads of vLLM's single-type manager
+        req_to_blocks: dict[str, list[Any]]
+
+    rng = random.Random(seed)
+    pool = BestFitBlockPool(num_requests * (blocks_per_request + steps) + 1, True, 32)
+    manager = _Tables()
+    manager.req_to_blocks = {}
+    requests = [_FakeRequest(f"r{i}", 32 * blocks_per_request, 32 * steps) for i in range(num_requests)]
+    for request in requests:
+        pool.begin_request(request)
+        manager.req_to_blocks[request.request_id] = pool.get_new_blocks(blocks_per_request)
+        pool.end_request()
+    settings = AllocatorSettings(compaction_gather_runs=GATHER_RUNS)
+    ids = [request.request_id for request in requests]
+    ours: list[float] = []
+    full_read: list[float] = []
+    perf = time.perf_counter
+    gather_requests(manager, pool, ids, settings)   # the first step reads every table once
+    for _ in range(steps):
+        for request in rng.sample(requests, max(1, num_requests // 32)):
+            pool.begin_request(request)
+            manager.req_to_blocks[request.request_id] += pool.get_new_blocks(1)
+            pool.end_request()
+        t0 = perf()
+        gather_requests(manager, pool, ids, settings)
+        ours.append(perf() - t0)
+        t0 = perf()
+        own: dict[str, list[int]] = {}
+        for block_id, (rid, _) in owned_blocks(manager, ids).items():
+            own.setdefault(rid, []).append(block_id)
+        sum(count_runs(sorted(blocks)) >= GATHER_RUNS for blocks in own.values())
+        full_read.append(perf() - t0)
+    return {"num_requests": num_requests, "blocks": num_requests * blocks_per_request, "steps": steps,
+            "tinyserve_ms_per_step": 1e3 * float(np.median(ours)),
+            "full_read_ms_per_step": 1e3 * float(np.median(full_read))}
+
+
 def _plot(loads: dict[str, dict[str, Any]], path: Path) -> None:
     import matplotlib
 
@@ -506,6 +557,8 @@ def main(argv: list[str] | None = None) -> int:
         measured = op_cost(num_blocks=num_blocks, ops=args.ops, seed=args.seed)
         for name in costs:
             costs[name].append(measured[name])
+    _progress("gathering: finding the requests to gather, per step ...")
+    pick_cost = gather_pick_cost(steps=16 if args.quick else 64)
     uninstall_block_pool()
     _progress("offload copy by runs vs block by block ...")
     copies = {
@@ -548,6 +601,11 @@ def main(argv: list[str] | None = None) -> int:
                                        for l in loads_cfg for m in ("off", *compaction_modes))))
     print(_table(compaction_rows))
     print()
+    print(_table([("gathering: finding requests to gather", "requests", "blocks", "TinyServe ms/step",
+                   "reading every table ms/step"),
+                  ("", str(pick_cost["num_requests"]), str(pick_cost["blocks"]),
+                   f"{pick_cost['tinyserve_ms_per_step']:.3f}", f"{pick_cost['full_read_ms_per_step']:.2f}")]))
+    print()
     copy_rows = [("offload (moderate load)", "runs/request", "copy calls by runs", "GB/s by runs", "copy calls by blocks", "GB/s by blocks")]
     for name, c in copies.items():
         copy_rows.append((name, f"{c['runs_per_request']:.2f}", f"{c['by_runs_copy_calls_per_request']:.2f}",
@@ -569,6 +627,7 @@ def main(argv: list[str] | None = None) -> int:
         "timeline": {load: {name: r["timeline"] for name, r in pools.items()} for load, pools in loads.items()},
         "op_cost": costs,
         "offload_copy_cpu": copies,
+        "gather_pick_cost": pick_cost,
     }
     stem.with_suffix(".json").write_text(json.dumps(report, indent=1))
     _plot(loads, stem.with_suffix(".png"))

@@ -215,12 +215,11 @@ class KVDriver:
             self.on_step(self)
 
     def _compact(self, movable: list[_Live]) -> None:
-        from tinyserve.engine.compaction import compact, owned_blocks
+        from tinyserve.engine.compaction import compact
 
         single = self.manager.coordinator.single_type_managers[0]
         self._retained = compact(single, self.manager.block_pool,
-                                 lambda: owned_blocks(single, (live.request.request_id for live in movable)),
-                                 self.compaction)
+                                 lambda: [live.request.request_id for live in movable], self.compaction)
         self.blocks_moved += len(self._retained)
 
     def run(self, trace: list[TraceRequest], *, max_steps: int = 1_000_000) -> None:

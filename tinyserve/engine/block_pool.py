@@ -44,6 +44,7 @@ from vllm.v1.core.block_pool import BlockPool
 from vllm.v1.core.kv_cache_utils import FreeKVCacheBlockQueue, KVCacheBlock
 
 from tinyserve.engine.free_runs import FreeRuns
+from tinyserve.engine.own_runs import TableScan
 from tinyserve.engine.settings import AllocatorSettings
 
 __all__ = ["BestFitBlockPool", "install_block_pool", "uninstall_block_pool"]
@@ -92,10 +93,11 @@ _PLACEMENT_ATTR = "_tinyserve_placement"
 class _Placement:
     """Placement state of one request that is running or allocating, in one pool: the pool, its vLLM
     Request (None once the pool forgot it), the id of the last block of its table (-2 before it holds
-    one), how many blocks its table holds, and its reservation (the same list as
-    `BestFitBlockPool._reservations[request id]`, or None)."""
+    one), how many blocks its table holds, its reservation (the same list as
+    `BestFitBlockPool._reservations[request id]`, or None), and the runs of its own blocks as far as
+    compaction has read its table (`own_runs.TableScan`)."""
 
-    __slots__ = ("pool", "request", "tail", "held", "span")
+    __slots__ = ("pool", "request", "tail", "held", "span", "scan")
 
     def __init__(self, pool: Any, request: Any) -> None:
         self.pool = pool
@@ -103,6 +105,7 @@ class _Placement:
         self.tail = -2
         self.held = 0
         self.span: list[int] | None = None
+        self.scan = TableScan()  # what compaction has read of the request's table
 
 
 class BestFitBlockPool(BlockPool):
@@ -826,12 +829,22 @@ class BestFitBlockPool(BlockPool):
     def block_moved(self, request_id: str, src: int, dst: int) -> None:
         """Compaction moved `request_id`'s block `src` to `dst`. When `src` was the request's last block, the
         reservation and growth room that followed it no longer do (a free block would open in front of
-        them): both go back, and `dst` is the tail growth extends from."""
+        them): both go back, and `dst` is the tail growth extends from. The request's table changed in
+        place: its scan is read again."""
         placement = self._placements.get(request_id)
-        if placement is not None and placement.tail == src:
+        if placement is None:
+            return
+        placement.scan.forget()
+        if placement.tail == src:
             placement.tail = dst
             self._drop_reservation(request_id)
             self._drop_room(request_id)
+
+    def table_scan(self, request_id: str) -> TableScan | None:
+        """What compaction has read of a running request's table (None for a request the pool does not
+        place for)."""
+        placement = self._placements.get(request_id)
+        return placement.scan if placement is not None else None
 
     def gather_destination(self, num: int) -> int | None:
         """Start of `num` consecutive free blocks that compaction may move a request's blocks into (then

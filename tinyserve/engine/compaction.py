@@ -130,12 +130,13 @@ def owned_blocks(manager: Any, request_ids: Iterable[str]) -> dict[int, tuple[st
     return owners
 
 
-def _movable_owners(scheduler: Any, output: Any) -> dict[int, tuple[str, int]]:
-    """`owned_blocks` of the requests that run this step as cached (not new, not resumed) requests."""
+def _movable_requests(scheduler: Any, output: Any) -> list[str]:
+    """The requests that run this step as cached (not new, not resumed, no partial hit) requests: those
+    whose blocks compaction may move."""
     manager = scheduler.kv_cache_manager.coordinator.single_type_managers[0]
     cached = output.scheduled_cached_reqs
-    return owned_blocks(manager, (rid for rid in cached.req_ids
-                                  if rid not in cached.resumed_req_ids and rid not in manager._partial_hit_reqs))
+    return [rid for rid in cached.req_ids
+            if rid not in cached.resumed_req_ids and rid not in manager._partial_hit_reqs]
 
 
 def move_blocks(manager: Any, pool: Any, owners: dict[int, tuple[str, int]],
@@ -186,25 +187,36 @@ def _send_moves(scheduler: Any, output: Any, moves: list[BlockMove]) -> list[Blo
     return moves
 
 
-def gather_requests(manager: Any, pool: Any, owners: dict[int, tuple[str, int]],
+def gather_requests(manager: Any, pool: Any, request_ids: Iterable[str],
                     settings: AllocatorSettings) -> list[BlockMove]:
-    """Move each request's own blocks (its keys in `owners`) whose ids lie in at least
-    `settings.compaction_gather_runs` runs into one stretch, in table order, requests with the most runs
-    first, at most `compaction_max_moves` copies in all. The stretch keeps one of the request's runs in
-    place where the blocks around it can take the rest (`_gather_in_place`, fewest copies), else it is a
-    free run of its own (`pool.gather_destination`). Returns the moves."""
+    """Of `request_ids` (the requests whose blocks may move), move the own blocks of each whose own blocks
+    lie in at least `settings.compaction_gather_runs` runs into one stretch, in table order, requests with
+    the most runs first, at most `compaction_max_moves` copies in all. The stretch keeps one of the
+    request's runs in place where the blocks around it can take the rest (`_gather_in_place`, fewest
+    copies), else it is a free run of its own (`pool.gather_destination`). Which requests qualify comes
+    from each one's `own_runs.TableScan` (O(1) a request a step, plus its new blocks); only those are read
+    block by block. Returns the moves."""
     from tinyserve.engine.fragmentation import count_runs
+    from tinyserve.engine.own_runs import count_own_runs
 
-    own: dict[str, list[tuple[int, int]]] = {}
-    for block_id, (rid, index) in owners.items():
-        own.setdefault(rid, []).append((index, block_id))
+    threshold = settings.compaction_gather_runs
+    tables = manager.req_to_blocks
     candidates = []
-    for rid, blocks in own.items():
-        blocks.sort()
+    for rid in request_ids:
+        table = tables.get(rid)
+        if not table:
+            continue
+        scan = pool.table_scan(rid)
+        runs = scan.own_runs(table) if scan is not None else count_own_runs(table)
+        if runs < threshold:
+            continue
+        blocks = [(index, block.block_id) for index, block in enumerate(table)
+                  if block.ref_cnt == 1 and not block.is_null]
         runs = count_runs([block_id for _, block_id in blocks])
-        if runs >= settings.compaction_gather_runs:
+        if runs >= threshold:
             candidates.append((-runs, rid, blocks))
     candidates.sort()
+    owners = {block_id: (rid, index) for _, rid, blocks in candidates for index, block_id in blocks}
     budget = settings.compaction_max_moves
     moves: list[BlockMove] = []
     for _, rid, blocks in candidates:
@@ -276,20 +288,20 @@ def compaction_pairs(pool: Any, free_mask: np.ndarray, owners: dict[int, tuple[s
     return plan_compaction(free_mask, movable, destinations, settings.compaction_max_moves)
 
 
-def compact(manager: Any, pool: Any, owners: Callable[[], dict[int, tuple[str, int]]],
+def compact(manager: Any, pool: Any, movable: Callable[[], list[str]],
             settings: AllocatorSettings) -> list[BlockMove]:
     """One compaction, if one is due: gathering (`compaction_gather_runs`) or coalescing free space.
-    `owners()` gives the blocks that may move (called only when there is something to plan). Returns the
-    moves made (sources retained: free them once the copies have run)."""
+    `movable()` gives the requests whose blocks may move (called only when there is something to plan).
+    Returns the moves made (sources retained: free them once the copies have run)."""
     moves: list[BlockMove] = []
     if settings.compaction_gather_runs is not None:
-        moves = gather_requests(manager, pool, owners(), settings)
+        moves = gather_requests(manager, pool, movable(), settings)
     else:
         free_mask = np.frombuffer(bytes(pool.free_mask), dtype=np.uint8)   # a copy: the moves change the pool's
         if compaction_due(free_mask, settings):
-            movable = owners()
-            pairs = compaction_pairs(pool, free_mask, movable, settings)
-            moves = move_blocks(manager, pool, movable, pairs) if pairs else []
+            owners = owned_blocks(manager, movable())
+            pairs = compaction_pairs(pool, free_mask, owners, settings)
+            moves = move_blocks(manager, pool, owners, pairs) if pairs else []
     if moves:
         pool.counters["compactions_total"] += 1
     return moves
@@ -301,7 +313,7 @@ def compact_step(scheduler: Any, output: Any, settings: AllocatorSettings) -> li
     if len(scheduler.kv_cache_manager.coordinator.single_type_managers) != 1:
         return []  # one KV cache group only (hybrid models keep several tables per request)
     manager = scheduler.kv_cache_manager.coordinator.single_type_managers[0]
-    moves = compact(manager, scheduler.kv_cache_manager.block_pool, lambda: _movable_owners(scheduler, output),
+    moves = compact(manager, scheduler.kv_cache_manager.block_pool, lambda: _movable_requests(scheduler, output),
                     settings)
     return _send_moves(scheduler, output, moves)
 
