@@ -105,7 +105,7 @@ class _Placement:
         self.tail = -2
         self.held = 0
         self.span: list[int] | None = None
-        self.scan = TableScan()  # what compaction has read of the request's table
+        self.scan: TableScan | None = None  # what compaction has read of the request's table (made on demand)
 
 
 class BestFitBlockPool(BlockPool):
@@ -834,7 +834,8 @@ class BestFitBlockPool(BlockPool):
         placement = self._placements.get(request_id)
         if placement is None:
             return
-        placement.scan.forget()
+        if placement.scan is not None:
+            placement.scan.forget()
         if placement.tail == src:
             placement.tail = dst
             self._drop_reservation(request_id)
@@ -844,7 +845,11 @@ class BestFitBlockPool(BlockPool):
         """What compaction has read of a running request's table (None for a request the pool does not
         place for)."""
         placement = self._placements.get(request_id)
-        return placement.scan if placement is not None else None
+        if placement is None:
+            return None
+        if placement.scan is None:
+            placement.scan = TableScan()
+        return placement.scan
 
     def gather_destination(self, num: int) -> int | None:
         """Start of `num` consecutive free blocks that compaction may move a request's blocks into (then
