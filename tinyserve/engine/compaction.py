@@ -7,10 +7,11 @@ it moves to a free block outside it. A window is eligible only if each allocated
 old unused cache, never reserved or recently used cache) lie outside it. At most `max_moves` moves per
 plan; a partial plan is progress toward the same window.
 
-Gathering (`gather_requests`, `compaction_gather_runs`) instead makes one request's own blocks one stretch
-in table order when they lie in several runs: around one of its runs left in place where the blocks around
-it are free (fewest copies), else in a free run of their own. `compact` picks the mode; the engine
-(`compact_step`) and the allocator benchmark's trace replay run the same code.
+Gathering (`gather_requests`, `compaction_gather_runs`) instead works on requests whose own blocks lie in
+several runs, one move a request a step: all of them into one stretch around one of its runs left in place,
+where the blocks around it are free; else two of its runs joined; else all into a free run of their own.
+`compact` picks the mode; the engine (`compact_step`) and the allocator benchmark's trace replay run the
+same code.
 
 Apply (`compact_step`, in the engine-core process, right after vLLM's scheduler built a step): only
 requests that run this step as cached requests move. Each move (request, table index, src, dst) claims
@@ -189,13 +190,15 @@ def _send_moves(scheduler: Any, output: Any, moves: list[BlockMove]) -> list[Blo
 
 def gather_requests(manager: Any, pool: Any, request_ids: Iterable[str],
                     settings: AllocatorSettings) -> list[BlockMove]:
-    """Of `request_ids` (the requests whose blocks may move), move the own blocks of each whose own blocks
-    lie in at least `settings.compaction_gather_runs` runs into one stretch, in table order, requests with
-    the most runs first, at most `compaction_max_moves` copies in all. The stretch keeps one of the
-    request's runs in place where the blocks around it can take the rest (`_gather_in_place`, fewest
-    copies), else it is a free run of its own (`pool.gather_destination`). Which requests qualify comes
-    from each one's `own_runs.TableScan` (O(1) a request a step, plus its new blocks); only those are read
-    block by block. Returns the moves."""
+    """Of `request_ids` (the requests whose blocks may move), gather each whose own blocks lie in at least
+    `settings.compaction_gather_runs` runs, requests with the most runs first, at most
+    `compaction_max_moves` copies in all, one move a request a step, the first that can be made of:
+    all its own blocks into one stretch around one of its runs left in place (`_gather_in_place`, fewest
+    copies); two of its runs next in table order joined (`_join_two_runs`: one run fewer, fewest copies);
+    all its own blocks into a free run of their own (`pool.gather_destination`). A block moves at most
+    once a step (a second copy in the same step could read its destination before the first wrote it).
+    Which requests qualify comes from each one's `own_runs.TableScan` (O(1) a request a step, plus its new
+    blocks); only those are read block by block. Returns the moves."""
     from tinyserve.engine.fragmentation import count_runs
     from tinyserve.engine.own_runs import count_own_runs
 
@@ -222,12 +225,13 @@ def gather_requests(manager: Any, pool: Any, request_ids: Iterable[str],
     for _, rid, blocks in candidates:
         pairs = _gather_in_place(pool, blocks, budget)
         if pairs is None:
-            if len(blocks) > budget:
-                continue
+            pairs = _join_two_runs(pool, blocks, budget)
+        if pairs is None and len(blocks) <= budget:
             start = pool.gather_destination(len(blocks))
-            if start is None:
-                continue
-            pairs = [(block_id, start + k) for k, (_, block_id) in enumerate(blocks)]
+            if start is not None:
+                pairs = [(block_id, start + k) for k, (_, block_id) in enumerate(blocks)]
+        if pairs is None:
+            continue
         moves += move_blocks(manager, pool, owners, pairs)
         budget -= len(pairs)
     return moves
@@ -261,6 +265,36 @@ def _gather_in_place(pool: Any, blocks: list[tuple[int, int]], budget: int) -> l
             if pairs is not None and (best is None or len(pairs) < len(best)):
                 best = pairs
         position = end
+    return best
+
+
+def _join_two_runs(pool: Any, blocks: list[tuple[int, int]], budget: int) -> list[tuple[int, int]] | None:
+    """(src, dst) pairs that join two runs of `blocks` ((table index, block id), ascending index) that are
+    next to each other in the table: the later moved to right after the earlier, or the earlier to right
+    before the later, into blocks a gather may claim (`pool.gatherable`); the fewest copies. None when no
+    two runs can be joined within `budget` copies."""
+    runs = []
+    position = 0
+    while position < len(blocks):
+        end = position + 1
+        while (end < len(blocks) and blocks[end][1] == blocks[end - 1][1] + 1
+               and blocks[end][0] == blocks[end - 1][0] + 1):
+            end += 1
+        runs.append((position, end))
+        position = end
+    best: list[tuple[int, int]] | None = None
+    for (a_start, a_end), (b_start, b_end) in zip(runs, runs[1:]):
+        if blocks[b_start][0] != blocks[a_end - 1][0] + 1:
+            continue   # a shared block between them in the table
+        options = (
+            [(blocks[k][1], blocks[a_end - 1][1] + 1 + k - b_start) for k in range(b_start, b_end)],
+            [(blocks[k][1], blocks[b_start][1] - (a_end - k)) for k in range(a_start, a_end)],
+        )
+        for pairs in options:
+            if len(pairs) > budget or (best is not None and len(pairs) >= len(best)):
+                continue
+            if all(0 < dst < pool.num_gpu_blocks and pool.gatherable(dst) for _, dst in pairs):
+                best = pairs
     return best
 
 

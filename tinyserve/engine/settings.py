@@ -32,10 +32,10 @@ class AllocatorSettings(_Strict):
     # At most this many block copies per compaction (one compaction per scheduler step at most).
     compaction_max_moves: int = Field(default=64, ge=1)
     # Gather instead of coalescing free space: each step, a running request whose own blocks (held by it
-    # alone) lie in at least this many runs is made one stretch in table order, around one of its runs
-    # left in place where the free blocks around it allow, else in one free run (free = placeable, or
-    # never-hit cached blocks of any age, evicted out of LRU order); most runs first, at most
-    # compaction_max_moves copies a step; None = off.
+    # alone) lie in at least this many runs gets one move: all of them into one stretch in table order
+    # around one of its runs left in place, else two of its runs joined, else all into one free run (free
+    # = placeable, or never-hit cached blocks of any age, evicted out of LRU order); most runs first, at
+    # most compaction_max_moves copies a step; None = off.
     compaction_gather_runs: int | None = Field(default=None, ge=2)
     # A new placement reserves room to grow right after it: the learned expected output (moving mean of
     # finished outputs, doubled once exceeded) or a fair share of free blocks if larger, never past
