@@ -38,6 +38,7 @@ Needs synchronous scheduling (vLLM's CPU platform forces it); with async schedul
 from __future__ import annotations
 
 import functools
+import itertools
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -123,12 +124,10 @@ def plan_compaction(
 def owned_blocks(manager: Any, request_ids: Iterable[str]) -> dict[int, tuple[str, int]]:
     """block id -> (request id, table index) for the blocks of `request_ids` that no other request holds
     (`manager` is the single-type manager holding `req_to_blocks`)."""
-    owners: dict[int, tuple[str, int]] = {}
-    for rid in request_ids:
-        for index, block in enumerate(manager.req_to_blocks.get(rid, ())):
-            if not block.is_null and block.ref_cnt == 1:
-                owners[block.block_id] = (rid, index)
-    return owners
+    from tinyserve.engine.own_runs import own_blocks
+
+    return {block_id: (rid, index) for rid in request_ids
+            for index, block_id in own_blocks(manager.req_to_blocks.get(rid, ()))}
 
 
 def _movable_requests(scheduler: Any, output: Any) -> list[str]:
@@ -200,7 +199,7 @@ def gather_requests(manager: Any, pool: Any, request_ids: Iterable[str],
     Which requests qualify comes from each one's `own_runs.TableScan` (O(1) a request a step, plus its new
     blocks); only those are read block by block. Returns the moves."""
     from tinyserve.engine.fragmentation import count_runs
-    from tinyserve.engine.own_runs import count_own_runs
+    from tinyserve.engine.own_runs import count_own_runs, own_blocks
 
     threshold = settings.compaction_gather_runs
     tables = manager.req_to_blocks
@@ -213,8 +212,7 @@ def gather_requests(manager: Any, pool: Any, request_ids: Iterable[str],
         runs = scan.own_runs(table) if scan is not None else count_own_runs(table)
         if runs < threshold:
             continue
-        blocks = [(index, block.block_id) for index, block in enumerate(table)
-                  if block.ref_cnt == 1 and not block.is_null]
+        blocks = own_blocks(table)
         runs = count_runs([block_id for _, block_id in blocks])
         if runs >= threshold:
             candidates.append((-runs, rid, blocks))
@@ -243,14 +241,9 @@ def _gather_in_place(pool: Any, blocks: list[tuple[int, int]], budget: int) -> l
     other blocks must take) holds only blocks of the request already in their place or blocks a gather may
     claim (`pool.gatherable`). None when no window works within `budget` copies."""
     first_index = blocks[0][0]
-    count = len(blocks)
     span = blocks[-1][0] - first_index + 1   # the window's length (indices of shared blocks stay unused)
     best: list[tuple[int, int]] | None = None
-    position = 0
-    while position < count:  # each run of the request: ids ascending by one with the index
-        end = position + 1
-        while end < count and blocks[end][1] == blocks[end - 1][1] + 1:
-            end += 1
+    for position, _ in _runs_in_table(blocks):
         base = blocks[position][1] - (blocks[position][0] - first_index)   # id that index first_index gets
         if base > 0 and base + span <= pool.num_gpu_blocks:
             pairs = []
@@ -264,15 +257,12 @@ def _gather_in_place(pool: Any, blocks: list[tuple[int, int]], budget: int) -> l
                 pairs.append((block_id, dst))
             if pairs is not None and (best is None or len(pairs) < len(best)):
                 best = pairs
-        position = end
     return best
 
 
-def _join_two_runs(pool: Any, blocks: list[tuple[int, int]], budget: int) -> list[tuple[int, int]] | None:
-    """(src, dst) pairs that join two runs of `blocks` ((table index, block id), ascending index) that are
-    next to each other in the table: the later moved to right after the earlier, or the earlier to right
-    before the later, into blocks a gather may claim (`pool.gatherable`); the fewest copies. None when no
-    two runs can be joined within `budget` copies."""
+def _runs_in_table(blocks: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """The runs of `blocks` ((table index, block id), ascending index) as [start, end) positions in the list:
+    stretches whose ids ascend by one with their table index."""
     runs = []
     position = 0
     while position < len(blocks):
@@ -282,8 +272,16 @@ def _join_two_runs(pool: Any, blocks: list[tuple[int, int]], budget: int) -> lis
             end += 1
         runs.append((position, end))
         position = end
+    return runs
+
+
+def _join_two_runs(pool: Any, blocks: list[tuple[int, int]], budget: int) -> list[tuple[int, int]] | None:
+    """(src, dst) pairs that join two runs of `blocks` ((table index, block id), ascending index) that are
+    next to each other in the table: the later moved to right after the earlier, or the earlier to right
+    before the later, into blocks a gather may claim (`pool.gatherable`); the fewest copies. None when no
+    two runs can be joined within `budget` copies."""
     best: list[tuple[int, int]] | None = None
-    for (a_start, a_end), (b_start, b_end) in zip(runs, runs[1:]):
+    for (a_start, a_end), (b_start, b_end) in itertools.pairwise(_runs_in_table(blocks)):
         if blocks[b_start][0] != blocks[a_end - 1][0] + 1:
             continue   # a shared block between them in the table
         options = (

@@ -20,7 +20,7 @@ from bisect import bisect_right
 from collections.abc import Sequence
 from typing import Any
 
-__all__ = ["TableScan", "count_own_runs"]
+__all__ = ["TableScan", "count_own_runs", "own_blocks"]
 
 
 class TableScan:
@@ -62,8 +62,13 @@ class TableScan:
         return 1 + len(breaks) - bisect_right(breaks, first)
 
 
+def own_blocks(table: Sequence[Any]) -> list[tuple[int, int]]:
+    """(table index, block id) of the blocks of `table` its request alone holds, in table order."""
+    return [(index, block.block_id) for index, block in enumerate(table) if block.ref_cnt == 1 and not block.is_null]
+
+
 def count_own_runs(table: Sequence[Any]) -> int:
     """Runs of the own blocks of `table`, read in full (for requests the pool has no scan for, and tests)."""
     from tinyserve.engine.fragmentation import count_runs
 
-    return count_runs([block.block_id for block in table if block.ref_cnt == 1 and not block.is_null])
+    return count_runs([block_id for _, block_id in own_blocks(table)])
