@@ -34,7 +34,9 @@ def test_quick_run_writes_json_and_png(tmp_path, capsys) -> None:
             assert compacted["requests_finished"] == report["trace"]["requests"]
             assert compacted["blocks_moved_per_request"] >= 0
             assert report["replay"][load]["tinyserve"]["blocks_moved_per_request"] == 0
-    assert len(report["op_cost"]["vllm"]) == len(report["op_cost"]["tinyserve"]) == 2
+    costs = report["op_cost"]
+    assert len(costs["vllm"]) == len(costs["tinyserve"]) == len(costs["tinyserve_python_free_runs"]) == 2
+    assert report["free_runs"] == "compiled (_free_runs.c)" and "python FreeRuns ratio" in printed
     copies = report["offload_copy_cpu"]["tinyserve"]
     assert copies["by_runs_copy_calls_per_request"] == copies["runs_per_request"]
     assert copies["by_blocks_copy_calls_per_request"] >= copies["by_runs_copy_calls_per_request"]

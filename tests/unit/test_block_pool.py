@@ -129,6 +129,31 @@ def test_same_trace_same_schedule_and_hits_as_stock() -> None:
     assert results[0][:2] == results[1][:2]
     assert results[0][2] == results[1][2]
 
+def test_compiled_free_path_makes_the_reference_choices() -> None:
+    """The pool with compiled FreeRuns and free pass (`_free_runs.c`) and the pool with the Python reference
+    hand out the same blocks at every step of a trace with prefix hits, evictions and preemption."""
+    from tinyserve.engine.free_runs import ReferenceFreeRuns, compiled_free_runs
+
+    assert compiled_free_runs() is not None
+    trace = make_trace(seed=5, num_requests=80, arrivals_per_step=2.0)
+    timelines = []
+    for compiled in (True, False):
+        manager = make_kv_manager(160, BLOCK)
+        pool = manager.block_pool
+        if not compiled:
+            pool.use_reference_free_runs()
+        assert (pool._compiled_release is not None) == compiled
+        assert (type(pool._runs) is ReferenceFreeRuns) != compiled
+        tables: list[dict[str, list[int]]] = []
+        driver = KVDriver(manager, BLOCK, max_num_seqs=24,
+                          on_step=lambda d: (d.manager.block_pool.check_invariants(), tables.append(d.block_tables())))
+        driver.run(trace)
+        assert driver.finished == len(trace)
+        timelines.append((tables, driver.preemptions, pool.counters["evictions_total"], driver.prefix_hit_tokens))
+    assert timelines[0][1] > 0 and timelines[0][2] > 0 and timelines[0][3] > 0  # the trace reaches those paths
+    assert timelines[0] == timelines[1]
+
+
 def _chat_trace(num_conversations: int = 60, turns: int = 3) -> list[TraceRequest]:
     """Multi-turn chat: a few shared system prompts; each turn's prompt is the previous turn's prompt plus
     a new user message, arriving after other conversations' turns (so its cached blocks have aged)."""

@@ -1,11 +1,26 @@
-"""Property tests of FreeRuns against a plain set of ids."""
+"""Property tests of FreeRuns against a plain set of ids, for the Python reference and the compiled copy;
+and the two against each other (same choices)."""
 
 from __future__ import annotations
 
+import random
+
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tinyserve.engine.free_runs import FreeRuns, size_class
+from tinyserve.engine.free_runs import FreeRuns, ReferenceFreeRuns, compiled_free_runs, size_class
+
+COMPILED = compiled_free_runs()
+IMPLEMENTATIONS = [ReferenceFreeRuns, COMPILED] if COMPILED is not None else [ReferenceFreeRuns]
+implementations = pytest.mark.parametrize("impl", IMPLEMENTATIONS, ids=lambda impl: impl.__module__)
+
+
+def test_compiled_free_runs_is_built_and_used() -> None:
+    # `pip install -e .` builds _free_runs.c (optional there, so that a machine without a C compiler still
+    # installs); here, where the suite runs, it must have been built.
+    assert COMPILED is not None, "tinyserve/engine/_free_runs.c was not built (is a C compiler installed?)"
+    assert FreeRuns is COMPILED
 
 
 def _runs_of(ids: set[int]) -> list[tuple[int, int]]:
@@ -32,6 +47,11 @@ def test_size_class_is_monotone() -> None:
     classes = [size_class(n) for n in range(1, 5000)]
     assert classes == sorted(classes)
     assert all(size_class(n) == n for n in range(1, 64))
+    if COMPILED is not None:
+        from tinyserve.engine._free_runs import size_class as compiled_size_class
+
+        lengths = [*range(1, 5000), *(random.Random(0).randrange(1, 1 << 40) for _ in range(2000))]
+        assert [compiled_size_class(n) for n in lengths] == [size_class(n) for n in lengths]
 
 
 @settings(max_examples=150, deadline=None)
@@ -41,8 +61,9 @@ def test_size_class_is_monotone() -> None:
         st.tuples(st.sampled_from(["add", "take", "remove", "cut", "fill", "fit"]), st.integers(0, 10**6)), max_size=200
     ),
 )
-def test_matches_set_model(num_blocks: int, ops: list[tuple[str, int]]) -> None:
-    free = FreeRuns(num_blocks)
+@implementations
+def test_matches_set_model(impl: type, num_blocks: int, ops: list[tuple[str, int]]) -> None:
+    free = impl(num_blocks)
     model: set[int] = set()
     for op, arg in ops:
         if op == "add":
@@ -90,8 +111,9 @@ def test_matches_set_model(num_blocks: int, ops: list[tuple[str, int]]) -> None:
         _check(free, model)
 
 
-def test_best_fit_prefers_exact_then_smallest() -> None:
-    free = FreeRuns(100)
+@implementations
+def test_best_fit_prefers_exact_then_smallest(impl: type) -> None:
+    free = impl(100)
     for block_id in [*range(0, 10), *range(20, 23), *range(40, 45)]:
         free.add(block_id)
     assert free.best_fit(3) == 20
@@ -100,11 +122,74 @@ def test_best_fit_prefers_exact_then_smallest() -> None:
     assert free.best_fit(11) is None
 
 
-def test_best_fit_with_predicate_skips_refused_runs() -> None:
-    free = FreeRuns(100)
+@implementations
+def test_best_fit_with_predicate_skips_refused_runs(impl: type) -> None:
+    free = impl(100)
     for block_id in [*range(0, 10), *range(20, 23), *range(40, 45), *range(60, 63)]:
         free.add(block_id)
     assert free.best_fit(3, lambda start: start != 20) == 60  # the other exact fit
     assert free.best_fit(4, lambda start: start >= 20) == 40  # 0..10 refused: the next smallest that holds 4
     assert free.best_fit(3, lambda start: start < 20) == 0  # smallest accepted run that holds 3
     assert free.best_fit(3, lambda start: False) is None
+
+
+@pytest.mark.skipif(COMPILED is None, reason="compiled FreeRuns not built")
+@settings(max_examples=60, deadline=None)
+@given(num_blocks=st.integers(1, 3000), seed=st.integers(0, 2**32 - 1))
+def test_compiled_makes_the_reference_choices(num_blocks: int, seed: int) -> None:
+    """Same operations, same answers: runs, best fits (with and without a predicate, past the exact
+    classes and the scan limits), largest run, run lookups."""
+    rng = random.Random(seed)
+    ref, fast = ReferenceFreeRuns(num_blocks), COMPILED(num_blocks)
+    for _ in range(300):
+        op = rng.random()
+        if op < 0.45:
+            lo = rng.randrange(num_blocks)
+            hi = min(num_blocks, lo + rng.choice([1, 2, 5, 40, 300]))
+            ids = [i for i in range(lo, hi) if not ref.contains(i)]
+            rng.shuffle(ids)
+            if ids:
+                ref.add_many(list(ids))
+                fast.add_many(list(ids))
+        elif op < 0.7 and ref.num_free:
+            want = rng.choice([1, 2, 3, 8, 63, 64, 65, 100, 700])
+            parity = rng.randrange(2)
+            assert fast.best_fit(want) == ref.best_fit(want)
+            accept = lambda start: start % 2 == parity  # noqa: E731
+            start = ref.best_fit(want, accept)
+            assert fast.best_fit(want, accept) == start
+            if start is not None:
+                take = rng.randint(1, ref.run_at(start) - start)
+                ref.take_prefix(start, take)
+                fast.take_prefix(start, take)
+        elif ref.num_free:
+            runs = ref.runs()
+            start, end = runs[rng.randrange(len(runs))]
+            lo = rng.randrange(start, end)
+            hi = rng.randint(lo + 1, end)
+            assert fast.run_containing(lo) == ref.run_containing(lo) == start
+            if hi - lo == 1 and rng.random() < 0.5:
+                ref.remove(lo)
+                fast.remove(lo)
+            else:
+                ref.remove_range(lo, hi)
+                fast.remove_range(lo, hi)
+        assert fast.runs() == ref.runs()
+        assert (fast.num_free, fast.num_runs) == (ref.num_free, ref.num_runs)
+        assert fast.largest() == ref.largest()
+        assert bytes(fast._member) == bytes(ref._member)
+
+
+@pytest.mark.skipif(COMPILED is None, reason="compiled FreeRuns not built")
+def test_compiled_refuses_misuse_with_errors() -> None:
+    free = COMPILED(10)
+    free.add_run(2, 5)
+    for bad in (lambda: free.add(3), lambda: free.add(10), lambda: free.add_run(4, 7), lambda: free.add_run(5, 5),
+                lambda: free.add_range(5, 7), lambda: free.add_many([6, 6]), lambda: free.add_many([7, 2]),
+                lambda: free.take_prefix(3, 1), lambda: free.take_prefix(2, 4), lambda: free.remove(6),
+                lambda: free.remove_range(3, 6), lambda: free.run_containing(0), lambda: free.best_fit(-1)):
+        with pytest.raises(ValueError):
+            bad()
+    assert free.runs() == [(2, 5)] and free.num_free == 3  # nothing changed
+    with pytest.raises(TypeError):
+        free.add_many((1, 2))

@@ -348,7 +348,8 @@ class _CostRunner:
     block, or frees a sequence that reached its length (half its blocks carrying prefix hashes, so they
     are cached and later evicted) and starts a new one in its place."""
 
-    def __init__(self, *, ours: bool, num_blocks: int, seed: int, mean_blocks: int = 40) -> None:
+    def __init__(self, *, ours: bool, num_blocks: int, seed: int, mean_blocks: int = 40,
+                 reference_free_runs: bool = False) -> None:
         from vllm.v1.core.block_pool import BlockPool
 
         from tinyserve.engine.block_pool import BestFitBlockPool
@@ -357,6 +358,8 @@ class _CostRunner:
         self.rng = random.Random(seed)
         self.mean_blocks = mean_blocks
         self.pool = (BestFitBlockPool if ours else BlockPool)(num_blocks, True, 32)
+        if reference_free_runs:
+            self.pool.use_reference_free_runs()
         self.live = max(1, int(0.7 * num_blocks / mean_blocks))
         self.serial = 0
         self.op = 0
@@ -413,12 +416,16 @@ class _CostRunner:
 
 
 def op_cost(*, num_blocks: int, ops: int, seed: int, repeats: int = 3) -> dict[str, dict[str, float]]:
-    """µs per allocated and per freed block for both pools at `num_blocks`, measured in alternation
-    (`repeats` rounds of ops/repeats operations each), best round per pool (the machine is shared)."""
+    """µs per allocated and per freed block at `num_blocks` for vLLM's pool, TinyServe's, and TinyServe's
+    with the Python reference of FreeRuns and the free pass instead of the compiled ones (what compiling
+    buys), measured in alternation (`repeats` rounds of ops/repeats operations each), best round per pool
+    (the machine is shared)."""
     import gc
 
     runners = {"vllm": _CostRunner(ours=False, num_blocks=num_blocks, seed=seed),
-               "tinyserve": _CostRunner(ours=True, num_blocks=num_blocks, seed=seed)}
+               "tinyserve": _CostRunner(ours=True, num_blocks=num_blocks, seed=seed),
+               "tinyserve_python_free_runs": _CostRunner(ours=True, num_blocks=num_blocks, seed=seed,
+                                                         reference_free_runs=True)}
     best: dict[str, dict[str, float]] = {name: {} for name in runners}
     gc.collect()
     gc.freeze()  # as vLLM's engine core does after start-up: the block objects leave the GC's scans
@@ -537,6 +544,7 @@ def main(argv: list[str] | None = None) -> int:
         for name, ours in (("vllm", False), ("tinyserve", True)):
             _progress(f"replay {load} load ({num_blocks} blocks) through {name} pool ...")
             loads[load][name] = replay(trace, ours=ours, num_blocks=num_blocks, block_size=args.block_size, sample_every=5)
+    from tinyserve.engine.free_runs import FreeRuns, ReferenceFreeRuns
     from tinyserve.engine.settings import AllocatorSettings
 
     compaction_modes = {"free_space_every_step": AllocatorSettings(force_compaction_every_step=True),
@@ -551,7 +559,7 @@ def main(argv: list[str] | None = None) -> int:
             compacted[mode][load] = result["summary"]
             if settings.compaction_gather_runs is not None and load == "moderate":
                 gathered_tables = result["tables"]
-    costs: dict[str, list[dict[str, float]]] = {"vllm": [], "tinyserve": []}
+    costs: dict[str, list[dict[str, float]]] = {"vllm": [], "tinyserve": [], "tinyserve_python_free_runs": []}
     for num_blocks in (10_000, args.big_blocks):
         _progress(f"cost per operation at {num_blocks} blocks, both pools in alternation ...")
         measured = op_cost(num_blocks=num_blocks, ops=args.ops, seed=args.seed)
@@ -582,14 +590,17 @@ def main(argv: list[str] | None = None) -> int:
         cause_rows.append((key, *(f"{loads[l][n]['summary']['run_causes_per_request'][key]:.3g}" for l in loads for n in loads[l])))
     print(_table(cause_rows))
     print()
-    cost_rows = [("blocks", "vllm µs/alloc", "tinyserve µs/alloc", "ratio", "vllm µs/free", "tinyserve µs/free", "ratio")]
-    for stock, ours_cost in zip(costs["vllm"], costs["tinyserve"]):
+    cost_rows = [("blocks", "vllm µs/alloc", "tinyserve µs/alloc", "ratio", "python FreeRuns ratio",
+                  "vllm µs/free", "tinyserve µs/free", "ratio", "python FreeRuns ratio")]
+    for stock, ours_cost, python_cost in zip(costs["vllm"], costs["tinyserve"], costs["tinyserve_python_free_runs"]):
         cost_rows.append((
             str(stock["num_blocks"]),
             f"{stock['us_per_allocated_block']:.2f}", f"{ours_cost['us_per_allocated_block']:.2f}",
             f"{ours_cost['us_per_allocated_block'] / stock['us_per_allocated_block']:.2f}x",
+            f"{python_cost['us_per_allocated_block'] / stock['us_per_allocated_block']:.2f}x",
             f"{stock['us_per_freed_block']:.2f}", f"{ours_cost['us_per_freed_block']:.2f}",
             f"{ours_cost['us_per_freed_block'] / stock['us_per_freed_block']:.2f}x",
+            f"{python_cost['us_per_freed_block'] / stock['us_per_freed_block']:.2f}x",
         ))
     print(_table(cost_rows))
     print()
@@ -626,6 +637,7 @@ def main(argv: list[str] | None = None) -> int:
         "replay_compaction": compacted,
         "timeline": {load: {name: r["timeline"] for name, r in pools.items()} for load, pools in loads.items()},
         "op_cost": costs,
+        "free_runs": "compiled (_free_runs.c)" if FreeRuns is not ReferenceFreeRuns else "python reference",
         "offload_copy_cpu": copies,
         "gather_pick_cost": pick_cost,
     }

@@ -37,13 +37,14 @@ from __future__ import annotations
 
 import functools
 import heapq
+from array import array
 from collections.abc import Iterable, Sequence
 from typing import Any
 
 from vllm.v1.core.block_pool import BlockPool
 from vllm.v1.core.kv_cache_utils import FreeKVCacheBlockQueue, KVCacheBlock
 
-from tinyserve.engine.free_runs import FreeRuns
+from tinyserve.engine.free_runs import FreeRuns, ReferenceFreeRuns, compiled_release_blocks
 from tinyserve.engine.own_runs import TableScan
 from tinyserve.engine.settings import AllocatorSettings
 
@@ -86,13 +87,13 @@ class _FreeQueueView:
 
 # The request object carries its placement under this name (a cache of `BestFitBlockPool._placements`:
 # `begin_request` runs on every allocation, and one attribute on the request it already reads costs less
-# than a lookup in a dict of every running request).
+# than a lookup in a dict of every running request; `begin_request` reads it as `request._tinyserve_placement`).
 _PLACEMENT_ATTR = "_tinyserve_placement"
 
 
 class _Placement:
-    """Placement state of one request that is running or allocating, in one pool: the pool, its vLLM
-    Request (None once the pool forgot it), the id of the last block of its table (-2 before it holds
+    """Placement state of one request that is running or allocating, in one pool: the pool and its vLLM
+    Request (both None once the pool forgot it), the id of the last block of its table (-2 before it holds
     one), how many blocks its table holds, its reservation (the same list as
     `BestFitBlockPool._reservations[request id]`, or None), and the runs of its own blocks as far as
     compaction has read its table (`own_runs.TableScan`)."""
@@ -135,6 +136,9 @@ class BestFitBlockPool(BlockPool):
         self._in_lru = bytearray(num_gpu_blocks)
         self._cold = FreeRuns(num_gpu_blocks)
         self._runs = FreeRuns(num_gpu_blocks)
+        # The free pass compiled with FreeRuns (`_free_runs.release_blocks`: the same steps as the Python
+        # below, for caching on), or None: the Python pass.
+        self._compiled_release = compiled_release_blocks() if enable_caching else None
         self._runs.add_range(1, num_gpu_blocks)
         self._free_mask = bytearray(b"\x01") * num_gpu_blocks
         self._free_mask[0] = 0  # the null block
@@ -152,7 +156,7 @@ class BestFitBlockPool(BlockPool):
         # LRU age: `_serial[i]` is the count of cached blocks freed before block i was (set when it joins
         # `_lru`); a free cached block is among the k least recently used ones if its serial is less than
         # the LRU head's plus k (blocks leaving the LRU out of order only make it older).
-        self._serial = [0] * num_gpu_blocks
+        self._serial = array("q", bytes(8 * num_gpu_blocks))
         self._lru_clock = 0
         # Growth rooms (once every free block is cached): request id -> [next, end), old never-hit cached
         # blocks right after the request's last block, taken out of `_lru` so that no other allocation
@@ -175,6 +179,15 @@ class BestFitBlockPool(BlockPool):
             "prefix_cache_queries_total": 0,
             "prefix_cache_hits_total": 0,
         }
+
+    def use_reference_free_runs(self) -> None:
+        """Put the Python reference of FreeRuns and of the free pass in place of the compiled ones (a fresh
+        pool only: for benchmarks and tests that compare the two)."""
+        assert self._num_free == self.num_gpu_blocks - 1 and not self._placements, "only a fresh pool"
+        self._cold = ReferenceFreeRuns(self.num_gpu_blocks)
+        self._runs = ReferenceFreeRuns(self.num_gpu_blocks)
+        self._runs.add_range(1, self.num_gpu_blocks)
+        self._compiled_release = None
 
     # ---- vLLM BlockPool interface --------------------------------------------------------------
 
@@ -272,6 +285,14 @@ class BestFitBlockPool(BlockPool):
             placement.held += len(blocks)
 
     def free_blocks(self, ordered_blocks: Iterable[KVCacheBlock]) -> None:
+        if self._compiled_release is not None:
+            freed, cached, self._lru_clock = self._compiled_release(
+                ordered_blocks, self._free_mask, self._in_lru, self._serial, self._hits, self._lru_clock,
+                self._runs, self._cold)
+            self._num_free += freed
+            if cached:
+                self._lru.append_n(cached)
+            return
         empty_ids: list[int] = []
         cached: list[KVCacheBlock] = []
         for block in ordered_blocks:
@@ -781,8 +802,11 @@ class BestFitBlockPool(BlockPool):
     # ---- request context (called by the KVCacheManager wrappers) -------------------------------
 
     def begin_request(self, request: Any) -> None:
-        placement = getattr(request, _PLACEMENT_ATTR, None)
-        if placement is None or placement.pool is not self or placement.request is None:
+        try:
+            placement = request._tinyserve_placement
+        except AttributeError:
+            placement = None
+        if placement is None or placement.pool is not self:  # none yet, another pool's, or forgotten
             placement = self._placements.get(request.request_id)
             if placement is None:
                 placement = self._placements[request.request_id] = _Placement(self, request)
@@ -801,13 +825,18 @@ class BestFitBlockPool(BlockPool):
         return {rid: placement.request for rid, placement in self._placements.items()}
 
     def forget_request(self, request_id: str) -> None:
-        """The request's blocks went back (finished, aborted or preempted): drop its placement state."""
-        self._drop_reservation(request_id)
-        self._drop_room(request_id)
-        placement = self._placements.pop(request_id, None)
-        request = placement.request if placement is not None else None
-        if placement is not None:
-            placement.request = None  # a request that comes back (preempted) gets a new placement
+        """The request's blocks went back (finished, aborted or preempted): drop its placement state.
+        (Only placed requests hold reservations and rooms: both are made for the current placement.)"""
+        placement = self._placements.get(request_id)
+        if placement is None:
+            return
+        if placement.span is not None:
+            self._drop_reservation(request_id)
+        if request_id in self._rooms:
+            self._drop_room(request_id)
+        del self._placements[request_id]
+        request = placement.request
+        placement.request = placement.pool = None  # a request that comes back (preempted) gets a new one
         if request is not None and request.is_finished():
             alpha = self.settings.output_mean_weight
             produced = float(request.num_output_tokens)

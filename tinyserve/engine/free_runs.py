@@ -4,14 +4,25 @@ A *run* is a maximal interval [start, end) of consecutive block ids that are all
 filed in size classes (exact lengths below 64, then eight classes per power of two) whose non-empty
 classes are bits of one small integer, so "the smallest run that holds k blocks" and "the largest run"
 cost O(1) bit operations plus a bounded look inside one class. Adding a block merges with its
-neighbours in O(1); taking blocks from the start of a run is O(1) plus one byte per block taken.
+neighbours in O(1); taking blocks from the start of a run is O(1) plus one byte per block taken. A class
+keeps its runs in the order they were filed, so which of several equal candidates is picked is defined.
+
+`ReferenceFreeRuns` is the structure in Python. `FreeRuns` is the compiled copy in `_free_runs.c` (built
+at install when a C compiler is there): the same methods, the same choices, about a tenth of the cost per
+call, which is what keeps the pool's free path near vLLM's. Without the compiled module (or with
+TINYSERVE_REFERENCE_FREE_RUNS=1) `FreeRuns` is the reference.
 """
 
 from __future__ import annotations
 
+import logging
+import os
 from collections.abc import Callable
+from typing import Any
 
-__all__ = ["FreeRuns", "size_class"]
+__all__ = ["FreeRuns", "ReferenceFreeRuns", "compiled_free_runs", "compiled_release_blocks", "size_class"]
+
+logger = logging.getLogger(__name__)
 
 _EXACT_CLASSES = 64
 _SUB_BITS = 3
@@ -31,13 +42,13 @@ def size_class(length: int) -> int:
     return _EXACT_CLASSES + ((top - 7) << _SUB_BITS) + sub
 
 
-class FreeRuns:
+class ReferenceFreeRuns:
     """The set of free block ids in [0, num_blocks), kept as maximal runs.
 
     Owns: membership (`contains`), the runs (start -> end and last -> start), and their size classes.
     Invariants: runs are maximal and disjoint; `num_free` is the number of member ids; `num_runs` is the
-    number of runs; every run is in exactly the size class of its length, and bit c of the class mask is
-    set iff class c is non-empty.
+    number of runs; every run is in exactly the size class of its length, in the order it was filed
+    there, and bit c of the class mask is set iff class c is non-empty.
     """
 
     __slots__ = ("num_blocks", "num_free", "num_runs", "_member", "_end", "_start", "_classes", "_mask")
@@ -49,7 +60,7 @@ class FreeRuns:
         self._member = bytearray(num_blocks)
         self._end = [0] * num_blocks  # valid at run starts: exclusive end
         self._start = [0] * num_blocks  # valid at run lasts: start
-        self._classes: list[set[int]] = [set() for _ in range(size_class(max(num_blocks, 1)) + 1)]
+        self._classes: list[dict[int, None]] = [{} for _ in range(size_class(max(num_blocks, 1)) + 1)]
         self._mask = 0
 
     # ---- queries -------------------------------------------------------------------------------
@@ -220,7 +231,7 @@ class FreeRuns:
         length = end - start
         cls = length if length < _EXACT_CLASSES else size_class(length)
         members = self._classes[cls]
-        members.add(start)
+        members[start] = None
         if len(members) == 1:
             self._mask |= 1 << cls
 
@@ -228,6 +239,32 @@ class FreeRuns:
         length = end - start
         cls = length if length < _EXACT_CLASSES else size_class(length)
         members = self._classes[cls]
-        members.remove(start)
+        del members[start]
         if not members:
             self._mask &= ~(1 << cls)
+
+
+def compiled_free_runs() -> type | None:
+    """The compiled FreeRuns type, or None when it was not built (or TINYSERVE_REFERENCE_FREE_RUNS is set)."""
+    if os.environ.get("TINYSERVE_REFERENCE_FREE_RUNS", "") not in ("", "0"):
+        return None
+    try:
+        from tinyserve.engine._free_runs import FreeRuns as compiled
+    except ImportError:
+        logger.warning("tinyserve: the compiled FreeRuns (_free_runs.c) is not built; the KV block pool uses "
+                       "the Python reference, several times slower per allocate and free")
+        return None
+    return compiled
+
+
+FreeRuns: type = compiled_free_runs() or ReferenceFreeRuns
+
+
+def compiled_release_blocks() -> Callable[..., tuple[int, list[Any], int]] | None:
+    """`_free_runs.release_blocks` (BestFitBlockPool.free_blocks' pass, compiled) when `FreeRuns` is the
+    compiled type, else None."""
+    if FreeRuns is ReferenceFreeRuns:
+        return None
+    from tinyserve.engine._free_runs import release_blocks
+
+    return release_blocks
