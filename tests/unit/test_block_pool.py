@@ -171,7 +171,8 @@ def _chat_trace(num_conversations: int = 60, turns: int = 3) -> list[TraceReques
 
 def test_never_evicts_cached_block_while_an_empty_one_is_free() -> None:
     """vLLM's free queue hands out never-cached blocks before any cached one, then cached ones in LRU
-    order; best-fit placement must not trade a cached prefix (a future hit) for contiguity."""
+    order; best-fit placement must not trade a cached prefix (a future hit) for contiguity. The one
+    exception: decode growth into its own room (old, never-hit cached blocks set aside for it)."""
     trace = _chat_trace()
     hits = {}
     for ours in (False, True):
@@ -185,15 +186,23 @@ def test_never_evicts_cached_block_while_an_empty_one_is_free() -> None:
         if ours:
             assert isinstance(pool, BestFitBlockPool)
             evict = pool._maybe_evict_cached_block
+            consume_room = pool._consume_room
+            from_rooms: set[int] = set()
 
-            def checked_evict(block, evict=evict, pool=pool):
-                if block.block_hash is not None:
+            def recorded_consume_room(rid, room, got, consume_room=consume_room, from_rooms=from_rooms):
+                from_rooms.update(range(room[0], room[0] + got))
+                return consume_room(rid, room, got)
+
+            def checked_evict(block, evict=evict, pool=pool, from_rooms=from_rooms):
+                if block.block_hash is not None and block.block_id not in from_rooms:
                     empty_free = sum(1 for b in pool.blocks[1:] if pool.free_mask[b.block_id] and b.block_hash is None)
                     if empty_free:
                         early.append(empty_free)
+                from_rooms.discard(block.block_id)
                 return evict(block)
 
             pool._maybe_evict_cached_block = checked_evict
+            pool._consume_room = recorded_consume_room
         driver = KVDriver(manager, BLOCK, max_num_seqs=32)
         driver.run(trace)
         assert driver.finished == len(trace)

@@ -4,6 +4,7 @@ and the two against each other (same choices)."""
 from __future__ import annotations
 
 import random
+from array import array
 
 import pytest
 from hypothesis import given, settings
@@ -137,10 +138,11 @@ def test_best_fit_with_predicate_skips_refused_runs(impl: type) -> None:
 @settings(max_examples=60, deadline=None)
 @given(num_blocks=st.integers(1, 3000), seed=st.integers(0, 2**32 - 1))
 def test_compiled_makes_the_reference_choices(num_blocks: int, seed: int) -> None:
-    """Same operations, same answers: runs, best fits (with and without a predicate, past the exact
-    classes and the scan limits), largest run, run lookups."""
+    """Same operations, same answers: runs, best fits (with and without a predicate or an age limit, past
+    the exact classes and the scan limits), largest run, run lookups."""
     rng = random.Random(seed)
     ref, fast = ReferenceFreeRuns(num_blocks), COMPILED(num_blocks)
+    serial = array("q", (rng.randrange(1000) for _ in range(num_blocks)))  # LRU stamps, for best_fit_older
     for _ in range(300):
         op = rng.random()
         if op < 0.45:
@@ -158,6 +160,8 @@ def test_compiled_makes_the_reference_choices(num_blocks: int, seed: int) -> Non
             accept = lambda start: start % 2 == parity  # noqa: E731
             start = ref.best_fit(want, accept)
             assert fast.best_fit(want, accept) == start
+            limit = rng.randrange(1000)
+            assert fast.best_fit_older(want, serial, limit) == ref.best_fit_older(want, serial, limit)
             if start is not None:
                 take = rng.randint(1, ref.run_at(start) - start)
                 ref.take_prefix(start, take)
@@ -187,9 +191,27 @@ def test_compiled_refuses_misuse_with_errors() -> None:
     for bad in (lambda: free.add(3), lambda: free.add(10), lambda: free.add_run(4, 7), lambda: free.add_run(5, 5),
                 lambda: free.add_range(5, 7), lambda: free.add_many([6, 6]), lambda: free.add_many([7, 2]),
                 lambda: free.take_prefix(3, 1), lambda: free.take_prefix(2, 4), lambda: free.remove(6),
-                lambda: free.remove_range(3, 6), lambda: free.run_containing(0), lambda: free.best_fit(-1)):
+                lambda: free.remove_range(3, 6), lambda: free.run_containing(0), lambda: free.best_fit(-1),
+                lambda: free.best_fit_older(-1, array("q", bytes(80)), 0)):
         with pytest.raises(ValueError):
             bad()
     assert free.runs() == [(2, 5)] and free.num_free == 3  # nothing changed
     with pytest.raises(TypeError):
         free.add_many((1, 2))
+    with pytest.raises(TypeError):
+        free.best_fit_older(1, array("q", bytes(8)), 0)  # shorter than the pool
+
+
+@pytest.mark.skipif(COMPILED is None, reason="compiled FreeRuns not built")
+def test_compiled_release_refuses_mismatched_pool_state() -> None:
+    from tinyserve.engine._free_runs import release_blocks
+
+    n = 10
+    good = dict(free_mask=bytearray(n), in_lru=bytearray(n), serial=array("q", bytes(8 * n)), hits=[0] * n)
+    assert release_blocks([], *good.values(), 0, COMPILED(n), COMPILED(n)) == (0, [], 0)
+    for name, bad in (("free_mask", bytearray(n - 1)), ("in_lru", b"\0" * n), ("serial", [0] * n), ("hits", [0] * (n - 1))):
+        state = {**good, name: bad}
+        with pytest.raises(TypeError):
+            release_blocks([], *state.values(), 0, COMPILED(n), COMPILED(n))
+    with pytest.raises(TypeError):
+        release_blocks([], *good.values(), 0, COMPILED(n), COMPILED(n - 1))

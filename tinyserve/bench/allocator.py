@@ -8,10 +8,12 @@
    The same trace again through TinyServe's pool with compaction as the engine runs it (`replay_compaction`
    in the JSON): free-space compaction forced every step, and gathering (`compaction_gather_runs=2`): blocks
    moved per request and what each does to runs per request, scatter, evictions and hits.
-2. Cost per operation: µs per allocated block and per freed block at 10k and 1M blocks, steady state
-   (sequences growing one block at a time at ~70% usage, finished ones freed with cached hashes, so
-   eviction runs too; the GC heap frozen after start-up, as vLLM's engine core does); TinyServe's timing
-   includes telling the pool which request allocates. Each
+2. Cost per operation: µs per allocated block and per freed block at 10k and 1M blocks (sequences
+   growing one block at a time up to ~70% usage, finished ones freed with cached hashes; the GC heap frozen
+   after start-up, as vLLM's engine core does), in two regimes: *filling* (right after the start, free
+   blocks never used yet) and *steady* (once every block was handed out: free blocks are freed ones, and
+   allocating evicts cached ones). TinyServe's timing includes telling the pool which request allocates;
+   TinyServe with the Python reference of FreeRuns is timed too. Each
    operation is timed alone; the median per operation is reported (robust on a shared machine, where a
    mean mostly measures time the process was descheduled), means are in the JSON too.
 3. What contiguity buys: each finished request's KV gathered into one buffer, as an offload or a transfer
@@ -343,10 +345,11 @@ class _FakeRequest:
 
 
 class _CostRunner:
-    """One pool in the steady state of `op_cost`: sequences of U(10, 2*mean-10) blocks fill 70% of the
-    pool (untimed warm-up, random progress); then, round robin, each operation grows one sequence by a
-    block, or frees a sequence that reached its length (half its blocks carrying prefix hashes, so they
-    are cached and later evicted) and starts a new one in its place."""
+    """One pool under the load of `op_cost`: sequences of U(10, 2*mean-10) blocks, enough to fill 70% of
+    the pool, start at random progress (untimed); then, round robin, each operation grows one sequence by
+    a block, or frees a sequence that reached its length (half its blocks carrying prefix hashes, so they
+    are cached and later evicted) and starts a new one in its place. `allocated` counts blocks handed out
+    since the start; `recycle` runs (untimed) until it reaches the pool's size."""
 
     def __init__(self, *, ours: bool, num_blocks: int, seed: int, mean_blocks: int = 40,
                  reference_free_runs: bool = False) -> None:
@@ -363,6 +366,7 @@ class _CostRunner:
         self.live = max(1, int(0.7 * num_blocks / mean_blocks))
         self.serial = 0
         self.op = 0
+        self.allocated = 0
         self.sequences = [self._new_sequence() for _ in range(self.live)]
         for sequence in self.sequences:
             for _ in range(self.rng.randint(0, sequence[2] - 1)):
@@ -375,12 +379,19 @@ class _CostRunner:
 
     def _grow(self, sequence: list[Any]) -> None:
         pool = self.pool
+        self.allocated += 1
         if self.ours:
             pool.begin_request(sequence[0])
             sequence[1].extend(pool.get_new_blocks(1))
             pool.end_request()
         else:
             sequence[1].extend(pool.get_new_blocks(1))
+
+    def recycle(self) -> None:
+        """Run until every block could have been handed out once: free blocks are then blocks that were
+        used and freed (cached ones among them), never the start's untouched ones."""
+        while self.allocated < self.pool.num_gpu_blocks:
+            self.run(min(50_000, self.pool.num_gpu_blocks))
 
     def run(self, ops: int) -> dict[str, float]:
         from vllm.v1.core.kv_cache_utils import BlockHash, make_block_hash_with_group_id
@@ -393,6 +404,7 @@ class _CostRunner:
             self.op += 1
             sequence = self.sequences[index]
             if len(sequence[1]) < sequence[2] and pool.get_num_free_blocks() > 0:
+                _ = sequence[0].request_id  # the caller has the request at hand (vLLM's scheduler just read it)
                 t0 = perf()
                 self._grow(sequence)
                 alloc_times.append(perf() - t0)
@@ -415,31 +427,38 @@ class _CostRunner:
         }
 
 
-def op_cost(*, num_blocks: int, ops: int, seed: int, repeats: int = 3) -> dict[str, dict[str, float]]:
+def op_cost(*, num_blocks: int, ops: int, seed: int, repeats: int = 3) -> dict[str, dict[str, Any]]:
     """µs per allocated and per freed block at `num_blocks` for vLLM's pool, TinyServe's, and TinyServe's
     with the Python reference of FreeRuns and the free pass instead of the compiled ones (what compiling
-    buys), measured in alternation (`repeats` rounds of ops/repeats operations each), best round per pool
-    (the machine is shared)."""
+    buys), in two regimes: `filling` (right after the start, while free blocks are ones never used) and
+    `steady` (after `_CostRunner.recycle`: every free block was used, cached ones are evicted to allocate).
+    Pools are measured in alternation (`repeats` rounds of ops/repeats operations each), best round per
+    pool (the machine is shared)."""
     import gc
 
     runners = {"vllm": _CostRunner(ours=False, num_blocks=num_blocks, seed=seed),
                "tinyserve": _CostRunner(ours=True, num_blocks=num_blocks, seed=seed),
                "tinyserve_python_free_runs": _CostRunner(ours=True, num_blocks=num_blocks, seed=seed,
                                                          reference_free_runs=True)}
-    best: dict[str, dict[str, float]] = {name: {} for name in runners}
+    result: dict[str, dict[str, Any]] = {
+        name: {"num_blocks": num_blocks, "live_sequences": runner.live} for name, runner in runners.items()}
     gc.collect()
     gc.freeze()  # as vLLM's engine core does after start-up: the block objects leave the GC's scans
     try:
-        for _ in range(repeats):
-            for name, runner in runners.items():
-                result = runner.run(ops // repeats)
-                for key, value in result.items():
-                    best[name][key] = min(best[name].get(key, float("inf")), value)
+        for regime in ("filling", "steady"):
+            if regime == "steady":
+                for runner in runners.values():
+                    runner.recycle()
+            best: dict[str, dict[str, float]] = {name: {} for name in runners}
+            for _ in range(repeats):
+                for name, runner in runners.items():
+                    for key, value in runner.run(ops // repeats).items():
+                        best[name][key] = min(best[name].get(key, float("inf")), value)
+            for name in runners:
+                result[name][regime] = best[name]
     finally:
         gc.unfreeze()
-    for name, runner in runners.items():
-        best[name].update(num_blocks=num_blocks, live_sequences=runner.live)
-    return best
+    return result
 
 
 def gather_pick_cost(*, num_requests: int = 256, blocks_per_request: int = 400, steps: int = 64,
@@ -590,18 +609,20 @@ def main(argv: list[str] | None = None) -> int:
         cause_rows.append((key, *(f"{loads[l][n]['summary']['run_causes_per_request'][key]:.3g}" for l in loads for n in loads[l])))
     print(_table(cause_rows))
     print()
-    cost_rows = [("blocks", "vllm µs/alloc", "tinyserve µs/alloc", "ratio", "python FreeRuns ratio",
+    cost_rows = [("blocks", "regime", "vllm µs/alloc", "tinyserve µs/alloc", "ratio", "python FreeRuns ratio",
                   "vllm µs/free", "tinyserve µs/free", "ratio", "python FreeRuns ratio")]
-    for stock, ours_cost, python_cost in zip(costs["vllm"], costs["tinyserve"], costs["tinyserve_python_free_runs"]):
-        cost_rows.append((
-            str(stock["num_blocks"]),
-            f"{stock['us_per_allocated_block']:.2f}", f"{ours_cost['us_per_allocated_block']:.2f}",
-            f"{ours_cost['us_per_allocated_block'] / stock['us_per_allocated_block']:.2f}x",
-            f"{python_cost['us_per_allocated_block'] / stock['us_per_allocated_block']:.2f}x",
-            f"{stock['us_per_freed_block']:.2f}", f"{ours_cost['us_per_freed_block']:.2f}",
-            f"{ours_cost['us_per_freed_block'] / stock['us_per_freed_block']:.2f}x",
-            f"{python_cost['us_per_freed_block'] / stock['us_per_freed_block']:.2f}x",
-        ))
+    for stock_at, ours_at, python_at in zip(costs["vllm"], costs["tinyserve"], costs["tinyserve_python_free_runs"]):
+        for regime in ("filling", "steady"):
+            stock, ours_cost, python_cost = stock_at[regime], ours_at[regime], python_at[regime]
+            cost_rows.append((
+                str(stock_at["num_blocks"]), regime,
+                f"{stock['us_per_allocated_block']:.2f}", f"{ours_cost['us_per_allocated_block']:.2f}",
+                f"{ours_cost['us_per_allocated_block'] / stock['us_per_allocated_block']:.2f}x",
+                f"{python_cost['us_per_allocated_block'] / stock['us_per_allocated_block']:.2f}x",
+                f"{stock['us_per_freed_block']:.2f}", f"{ours_cost['us_per_freed_block']:.2f}",
+                f"{ours_cost['us_per_freed_block'] / stock['us_per_freed_block']:.2f}x",
+                f"{python_cost['us_per_freed_block'] / stock['us_per_freed_block']:.2f}x",
+            ))
     print(_table(cost_rows))
     print()
     compaction_rows = [("TinyServe pool, compaction", *(f"{load}: {mode}" for load in loads_cfg

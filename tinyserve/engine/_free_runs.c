@@ -230,6 +230,49 @@ static PyObject *FreeRuns_run_at(FreeRunsObject *self, PyObject *arg) {
     Py_RETURN_NONE;
 }
 
+/* Start of the smallest run that holds `num` blocks among a bounded look (see the reference), whose start
+ * `accept` (a Python callable, or NULL) accepts and, with `serial` (or NULL), whose first block's serial is
+ * below `limit`; -1 if none; -2 with an exception set. */
+static idx best_fit(FreeRunsObject *self, idx num, PyObject *accept, const int64_t *serial, int64_t limit) {
+    idx examined = 0;
+    for (idx cls = next_class(self, size_class(num)); cls >= 0; cls = next_class(self, cls + 1)) {
+        idx best = -1, best_len = 0, seen = 0;
+        for (idx start = self->head[cls]; start >= 0; start = self->next_in[start]) {
+            seen++;
+            idx length = self->end_at[start] - start;
+            if (length >= num && (best < 0 || length < best_len) && (!serial || serial[start] < limit)) {
+                int accepted = 1;
+                if (accept) {
+                    PyObject *key = PyLong_FromSsize_t(start);
+                    if (!key) return -2;
+                    PyObject *verdict = PyObject_CallOneArg(accept, key);
+                    Py_DECREF(key);
+                    if (!verdict) return -2;
+                    accepted = PyObject_IsTrue(verdict);
+                    Py_DECREF(verdict);
+                    if (accepted < 0) return -2;
+                }
+                if (accepted) {
+                    best = start;
+                    best_len = length;
+                    if (length == num || cls < EXACT_CLASSES) break;
+                }
+            }
+            if (seen == CLASS_SCAN_LIMIT) break;
+        }
+        examined += seen;
+        if (best >= 0) return best;
+        if (examined >= FIT_SCAN_LIMIT) break;
+    }
+    return -1;
+}
+
+static PyObject *fit_result(idx start) {
+    if (start == -2) return NULL;
+    if (start < 0) Py_RETURN_NONE;
+    return PyLong_FromSsize_t(start);
+}
+
 static PyObject *FreeRuns_best_fit(FreeRunsObject *self, PyObject *const *args, Py_ssize_t nargs) {
     if (nargs < 1 || nargs > 2) {
         PyErr_SetString(PyExc_TypeError, "best_fit(num, accept=None)");
@@ -241,38 +284,30 @@ static PyObject *FreeRuns_best_fit(FreeRunsObject *self, PyObject *const *args, 
         PyErr_SetString(PyExc_ValueError, "best_fit of a negative number of blocks");
         return NULL;
     }
-    PyObject *accept = nargs == 2 && args[1] != Py_None ? args[1] : NULL;
-    idx cls = size_class(num), examined = 0;
-    for (cls = next_class(self, cls); cls >= 0; cls = next_class(self, cls + 1)) {
-        idx best = -1, best_len = 0, seen = 0;
-        for (idx start = self->head[cls]; start >= 0; start = self->next_in[start]) {
-            seen++;
-            idx length = self->end_at[start] - start;
-            if (length >= num && (best < 0 || length < best_len)) {
-                int accepted = 1;
-                if (accept) {
-                    PyObject *key = PyLong_FromSsize_t(start);
-                    if (!key) return NULL;
-                    PyObject *verdict = PyObject_CallOneArg(accept, key);
-                    Py_DECREF(key);
-                    if (!verdict) return NULL;
-                    accepted = PyObject_IsTrue(verdict);
-                    Py_DECREF(verdict);
-                    if (accepted < 0) return NULL;
-                }
-                if (accepted) {
-                    best = start;
-                    best_len = length;
-                    if (length == num || cls < EXACT_CLASSES) break;
-                }
-            }
-            if (seen == CLASS_SCAN_LIMIT) break;
-        }
-        examined += seen;
-        if (best >= 0) return PyLong_FromSsize_t(best);
-        if (examined >= FIT_SCAN_LIMIT) break;
+    return fit_result(best_fit(self, num, nargs == 2 && args[1] != Py_None ? args[1] : NULL, NULL, 0));
+}
+
+static PyObject *FreeRuns_best_fit_older(FreeRunsObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    idx num, limit;
+    if (nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "best_fit_older(num, serial, limit)");
+        return NULL;
     }
-    Py_RETURN_NONE;
+    if (get_index(args[0], &num) < 0 || get_index(args[2], &limit) < 0) return NULL;
+    if (num < 0) {
+        PyErr_SetString(PyExc_ValueError, "best_fit of a negative number of blocks");
+        return NULL;
+    }
+    Py_buffer view;
+    if (PyObject_GetBuffer(args[1], &view, PyBUF_FORMAT) < 0) return NULL;
+    PyObject *result;
+    if (view.itemsize != 8 || view.len < self->num_blocks * 8 || !view.format ||
+        (strcmp(view.format, "q") && strcmp(view.format, "l")))
+        result = PyErr_Format(PyExc_TypeError, "serial must be an array('q') of at least num_blocks entries");
+    else
+        result = fit_result(best_fit(self, num, NULL, (const int64_t *)view.buf, limit));
+    PyBuffer_Release(&view);
+    return result;
 }
 
 static PyObject *FreeRuns_largest(FreeRunsObject *self, PyObject *Py_UNUSED(ignored)) {
@@ -604,6 +639,8 @@ static PyMethodDef FreeRuns_methods[] = {
     {"run_at", (PyCFunction)FreeRuns_run_at, METH_O, "End (exclusive) of the run that starts at start, or None."},
     {"best_fit", (PyCFunction)(void (*)(void))FreeRuns_best_fit, METH_FASTCALL,
      "Start of the smallest run that holds num blocks (exact below 64), bounded look; accept filters starts."},
+    {"best_fit_older", (PyCFunction)(void (*)(void))FreeRuns_best_fit_older, METH_FASTCALL,
+     "best_fit(num, accept=lambda start: serial[start] < limit), without calling back into Python."},
     {"largest", (PyCFunction)FreeRuns_largest, METH_NOARGS, "(start, length) of a longest run, or None."},
     {"runs", (PyCFunction)FreeRuns_runs, METH_NOARGS, "All runs as (start, end), ascending."},
     {"run_containing", (PyCFunction)FreeRuns_run_containing, METH_O, "Start of the run holding member block_id."},

@@ -5,7 +5,7 @@ hashes, lookups, `BlockStored`/`BlockRemoved` events for every cache entry added
 count, so the scheduler admits and preempts exactly as with vLLM's pool. What changes is *which* free
 block an allocation gets: as vLLM's free queue does, placement hands out only blocks without a hash
 (never cached, evicted, or a finished request's partial last block) while any is free, and evicts cached
-blocks only when none is left:
+blocks only when none is left (one exception: decode growth into the request's own growth room, below):
 
 1. a request that owns a growth reservation takes the blocks right after its last block;
 2. else it extends its own run when the block after its last block starts a free run;
@@ -26,7 +26,10 @@ blocks only when none is left:
    vLLM's LRU order (`_pick_eviction`, among the oldest `eviction_window` candidates).
 
 Decode growth (one block) has a fast path for steps 1, 5 (own room) and 4 (the far end of the newest
-reservation) that touches one request's state and one block.
+reservation) that touches one request's state and one block. It takes the next block of its own room
+even while blocks without a hash are free: those cached blocks were set aside for this request when none
+was left, and they are old and never hit (the replays' prefix hit rates stay at or above stock's; taking
+a placeable block elsewhere instead left the room stale and the request one more run).
 
 Request context (which request allocates, its expected length) comes from thin wrappers around
 `KVCacheManager.allocate_slots`/`free`/`pop_blocks_for_free`/`record_prefix_cache_stats` that
@@ -123,7 +126,8 @@ class BestFitBlockPool(BlockPool):
     - `_room_mask` / `_rooms`: free cached blocks out of `_lru`, held as one request's growth room.
     Invariants: `get_num_free_blocks()` equals vLLM's count; every free block is in exactly one of
     `_runs`, a reservation (no hash), `_lru` or a room (hash); reservations are never adjacent, nor are
-    rooms; no cached block is evicted while a free block without a hash exists.
+    rooms; no cached block is evicted while a free block without a hash exists, except a block of the
+    growing request's own room.
     """
 
     settings: AllocatorSettings = AllocatorSettings()
@@ -218,17 +222,20 @@ class BestFitBlockPool(BlockPool):
                 return [block]
             if not self._num_free:
                 raise ValueError("Cannot get 1 free blocks from the pool")
-            if span is not None or self._runs.num_free:
+            rooms = self._rooms
+            room = rooms.get(placement.request.request_id) if span is None and rooms else None
+            if room is not None and room[0] == block_id:
+                # The next block of the request's own room (even while placeable blocks are free): room
+                # blocks are free, cached, out of the LRU (`_consume_room` for one block, inlined).
+                self._room_mask[block_id] = 0
+                if block_id + 1 == room[1]:
+                    del rooms[placement.request.request_id]
+                    del self._room_owner_at[block_id + 1]
+                else:
+                    room[0] = block_id + 1
+                found = True
+            elif span is not None or self._runs.num_free or not self._reservations:
                 found = False
-            elif not self._reservations:
-                # Once no free block without a hash is left: the next block of the request's own room.
-                rid = placement.request.request_id
-                room = self._rooms.get(rid)
-                found = room is not None and room[0] == block_id and (
-                    self._in_lru[block_id] == 0 or self._serial[block_id] < self._age_limit()
-                )
-                if found:
-                    self._consume_room(rid, room, 1)  # type: ignore[arg-type]
             else:
                 # Only reserved empty blocks are left and they go before any cached block: the far end
                 # of the newest reservation (its owner keeps the blocks next to its last one).
@@ -332,7 +339,7 @@ class BestFitBlockPool(BlockPool):
         return True
 
     def _maybe_evict_cached_block(self, block: KVCacheBlock) -> bool:
-        evicted = super()._maybe_evict_cached_block(block)
+        evicted = BlockPool._maybe_evict_cached_block(self, block)
         if evicted:
             self.counters["evictions_total"] += 1
         self._hits[block.block_id] = 0
@@ -679,14 +686,10 @@ class BestFitBlockPool(BlockPool):
                 self._drop_room(rid)
         need -= self._claim_old_cold(last + 1, need, limit, out)
         cold = self._cold
-
-        def is_old(start: int) -> bool:
-            return serial[start] < limit
-
-        while need:
-            start = cold.best_fit(size - len(out), is_old)
+        while need:  # runs of cold blocks whose first block is old
+            start = cold.best_fit_older(size - len(out), serial, limit)
             if start is None:
-                start = cold.best_fit(need, is_old)
+                start = cold.best_fit_older(need, serial, limit)
             if start is None:
                 break
             need -= self._claim_old_cold(start, need, limit, out)

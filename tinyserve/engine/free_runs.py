@@ -102,6 +102,11 @@ class ReferenceFreeRuns:
             rest = self._mask >> cls
         return None
 
+    def best_fit_older(self, num: int, serial: Any, limit: int) -> int | None:
+        """`best_fit(num, accept)` accepting the runs whose first block's `serial` is below `limit` (serial
+        an array('q') indexed by block id; the compiled copy reads it without calling back)."""
+        return self.best_fit(num, lambda start: serial[start] < limit)
+
     def largest(self) -> tuple[int, int] | None:
         """(start, length) of a longest run, or None when empty."""
         if not self._mask:
