@@ -1,8 +1,8 @@
-/* Compiled FreeRuns: the same structure and the same choices as the reference in free_runs.py.
+/* Compiled FreeRuns, and the block pool's free pass that files freed blocks into it.
  *
- * The set of free block ids in [0, num_blocks), kept as maximal runs [start, end) filed in size classes
- * (exact lengths below 64, then eight classes per power of two). Every method has the reference's
- * semantics and makes the same choices: a class keeps its runs in the order they were filed (the
+ * FreeRuns has the same structure and makes the same choices as the reference in free_runs.py: the set of
+ * free block ids in [0, num_blocks), kept as maximal runs [start, end) filed in size classes (exact lengths
+ * below 64, then eight classes per power of two); a class keeps its runs in the order they were filed (the
  * reference's dict order), so best_fit and largest pick the same run. The reference states the
  * invariants; this file only adds where it keeps things:
  *   member    a bytearray, 1 per member id (shared with Python code as `_member`);
@@ -11,6 +11,8 @@
  *   head / tail / count  per class;  mask  one bit per non-empty class.
  * Misuse that could corrupt the structure (ids out of range, adding a member, removing a non-member)
  * raises ValueError instead of the reference's AssertionError.
+ *
+ * release_blocks is BestFitBlockPool.free_blocks' pass (block_pool.py has the Python it mirrors).
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -697,7 +699,7 @@ static PyMethodDef module_methods[] = {
 static struct PyModuleDef free_runs_module = {
     PyModuleDef_HEAD_INIT,
     .m_name = "_free_runs",
-    .m_doc = "Compiled FreeRuns (see tinyserve/engine/free_runs.py).",
+    .m_doc = "Compiled FreeRuns and the block pool's free pass (see tinyserve/engine/_free_runs.c).",
     .m_size = -1,
     .m_methods = module_methods,
 };
@@ -711,9 +713,7 @@ PyMODINIT_FUNC PyInit__free_runs(void) {
     if (!name_ref_cnt || !name_block_hash || !name_block_id || !name_is_null) return NULL;
     PyObject *module = PyModule_Create(&free_runs_module);
     if (!module) return NULL;
-    Py_INCREF(&FreeRunsType);
-    if (PyModule_AddObject(module, "FreeRuns", (PyObject *)&FreeRunsType) < 0) {
-        Py_DECREF(&FreeRunsType);
+    if (PyModule_AddObjectRef(module, "FreeRuns", (PyObject *)&FreeRunsType) < 0) {
         Py_DECREF(module);
         return NULL;
     }

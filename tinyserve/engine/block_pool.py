@@ -97,18 +97,21 @@ _PLACEMENT_ATTR = "_tinyserve_placement"
 class _Placement:
     """Placement state of one request that is running or allocating, in one pool: the pool and its vLLM
     Request (both None once the pool forgot it), the id of the last block of its table (-2 before it holds
-    one), how many blocks its table holds, its reservation (the same list as
-    `BestFitBlockPool._reservations[request id]`, or None), and the runs of its own blocks as far as
-    compaction has read its table (`own_runs.TableScan`)."""
+    one), how many blocks its table holds, its reservation [res_next, res_end) (res_end 0: none; the
+    placement is `BestFitBlockPool._reservations[request id]` iff it has one), and the runs of its own
+    blocks as far as compaction has read its table (`own_runs.TableScan`). The reservation lives here, not
+    in an object of its own: decode growth reads it on every allocation, and each further object is one
+    more cache miss among thousands of interleaved requests."""
 
-    __slots__ = ("pool", "request", "tail", "held", "span", "scan")
+    __slots__ = ("pool", "request", "tail", "held", "res_next", "res_end", "scan")
 
     def __init__(self, pool: Any, request: Any) -> None:
         self.pool = pool
         self.request = request
         self.tail = -2
         self.held = 0
-        self.span: list[int] | None = None
+        self.res_next = 0
+        self.res_end = 0
         self.scan: TableScan | None = None  # what compaction has read of the request's table (made on demand)
 
 
@@ -169,8 +172,9 @@ class BestFitBlockPool(BlockPool):
         self._room_mask = bytearray(num_gpu_blocks)
         self._rooms: dict[str, list[int]] = {}
         self._room_owner_at: dict[int, str] = {}  # room end (exclusive) -> request id
-        # request id -> [next, end): blocks reserved right after the request's last block
-        self._reservations: dict[str, list[int]] = {}
+        # request id -> its placement, for each request with blocks reserved right after its last block
+        # ([res_next, res_end) of the placement)
+        self._reservations: dict[str, _Placement] = {}
         # Who is allocating now (set by the KVCacheManager wrappers), and per-request placement state.
         self._current: _Placement | None = None
         self._placements: dict[str, _Placement] = {}
@@ -203,16 +207,16 @@ class BestFitBlockPool(BlockPool):
         if num_blocks == 1 and placement is not None and not self.metrics_collector:
             # Fast paths of decode growth (the steps of `_take`, inlined: the hottest path of the pool).
             block_id = placement.tail + 1
-            span = placement.span
-            if span is not None and span[0] == block_id:
+            reserved = placement.res_end
+            if reserved and placement.res_next == block_id:
                 # The next block of the request's own reservation (a free block: the count allows it).
                 # Reserved blocks carry no hash and are in no other structure.
                 self._reserved_mask[block_id] = 0
-                if block_id + 1 == span[1]:
+                if block_id + 1 == reserved:
                     self._end_reservation(placement.request.request_id)
                     del self._owner_at[block_id + 1]
                 else:
-                    span[0] = block_id + 1
+                    placement.res_next = block_id + 1
                 self._free_mask[block_id] = 0
                 self._num_free -= 1
                 placement.tail = block_id
@@ -223,7 +227,7 @@ class BestFitBlockPool(BlockPool):
             if not self._num_free:
                 raise ValueError("Cannot get 1 free blocks from the pool")
             rooms = self._rooms
-            room = rooms.get(placement.request.request_id) if span is None and rooms else None
+            room = rooms.get(placement.request.request_id) if not reserved and rooms else None
             if room is not None and room[0] == block_id:
                 # The next block of the request's own room (even while placeable blocks are free): room
                 # blocks are free, cached, out of the LRU (`_consume_room` for one block, inlined).
@@ -234,20 +238,19 @@ class BestFitBlockPool(BlockPool):
                 else:
                     room[0] = block_id + 1
                 found = True
-            elif span is not None or self._runs.num_free or not self._reservations:
+            elif reserved or self._runs.num_free or not self._reservations:
                 found = False
             else:
                 # Only reserved empty blocks are left and they go before any cached block: the far end
                 # of the newest reservation (its owner keeps the blocks next to its last one).
-                owner = next(reversed(self._reservations))
-                span = self._reservations[owner]
-                block_id = span[1] - 1
+                owner, holder = next(reversed(self._reservations.items()))
+                block_id = holder.res_end - 1
                 self._reserved_mask[block_id] = 0
                 del self._owner_at[block_id + 1]
-                if block_id == span[0]:
+                if block_id == holder.res_next:
                     self._end_reservation(owner)
                 else:
-                    span[1] = block_id
+                    holder.res_end = block_id
                     self._owner_at[block_id] = owner
                 found = True
             if found:
@@ -450,19 +453,19 @@ class BestFitBlockPool(BlockPool):
         end = self._reserved_mask.find(0, block_id)
         end = self.num_gpu_blocks if end < 0 else end
         rid = self._owner_at.pop(end)
-        span = self._reservations[rid]
+        holder = self._reservations[rid]
         self._reserved_mask[block_id:end] = bytes(end - block_id)
-        if block_id == span[0]:
+        if block_id == holder.res_next:
             self._end_reservation(rid)
         else:
-            span[1] = block_id
+            holder.res_end = block_id
             self._owner_at[block_id] = rid
         if block_id + 1 < end:  # reserved blocks never carry a hash
             self._runs.add_run(block_id + 1, end)
 
-    def _consume_reservation(self, rid: str, span: list[int], got: int) -> None:
-        """The owner takes the first `got` blocks of its reservation `span`."""
-        nxt, end = span
+    def _consume_reservation(self, rid: str, holder: _Placement, got: int) -> None:
+        """The owner (`holder`, the placement of `rid`) takes the first `got` blocks of its reservation."""
+        nxt, end = holder.res_next, holder.res_end
         reserved_mask = self._reserved_mask
         for block_id in range(nxt, nxt + got):
             reserved_mask[block_id] = 0
@@ -470,46 +473,40 @@ class BestFitBlockPool(BlockPool):
             self._end_reservation(rid)
             del self._owner_at[end]
         else:
-            span[0] = nxt + got
+            holder.res_next = nxt + got
 
     def _reserve(self, rid: str, start: int, end: int) -> None:
-        """Reserve [start, end) (free, out of `_runs`) for `rid`, replacing its reservation if any."""
+        """Reserve [start, end) (free, out of `_runs`) for `rid` (a placed request), replacing its
+        reservation if any."""
         self._drop_reservation(rid)
-        span = self._reservations[rid] = [start, end]
-        placement = self._placements.get(rid)
-        if placement is not None:
-            placement.span = span
+        holder = self._reservations[rid] = self._placements[rid]
+        holder.res_next, holder.res_end = start, end
         self._owner_at[end] = rid
         self._reserved_mask[start:end] = b"\x01" * (end - start)
         self._heap_serial += 1
         heap = self._reservation_heap
         heapq.heappush(heap, (start - end, self._heap_serial, rid))
         if len(heap) > 2 * len(self._reservations) + 64:  # drop dead entries (amortised O(1))
-            heap[:] = [(n - e, i, r) for i, (r, (n, e)) in enumerate(self._reservations.items())]
+            heap[:] = [(h.res_next - h.res_end, i, r) for i, (r, h) in enumerate(self._reservations.items())]
             heapq.heapify(heap)
             self._heap_serial = len(heap)
 
     def _end_reservation(self, rid: str) -> None:
-        del self._reservations[rid]
-        placement = self._placements.get(rid)
-        if placement is not None:
-            placement.span = None
+        self._reservations.pop(rid).res_end = 0
 
     def _largest_reservation(self) -> str:
         """Owner of the largest reservation (lazy heap: stale entries are refreshed or dropped)."""
         heap = self._reservation_heap
         while True:
             negative_length, _, rid = heap[0]
-            span = self._reservations.get(rid)
-            if span is not None and span[0] - span[1] == negative_length:
+            holder = self._reservations.get(rid)
+            negative_now = holder.res_next - holder.res_end if holder is not None else 0
+            if holder is not None and negative_now == negative_length:
                 return rid
             heapq.heappop(heap)
-            if span is not None and span[0] - span[1] > negative_length:  # shrank: re-file at its size
+            if holder is not None:  # shrank (re-file at its size), or pushed again by a newer entry: keep one
                 self._heap_serial += 1
-                heapq.heappush(heap, (span[0] - span[1], self._heap_serial, rid))
-            elif span is not None:  # pushed again at the same size by a newer entry: keep one
-                self._heap_serial += 1
-                heapq.heappush(heap, (span[0] - span[1], self._heap_serial, rid))
+                heapq.heappush(heap, (negative_now, self._heap_serial, rid))
 
     def _return_to_runs(self, block_id: int) -> None:
         if self._placeable(block_id):
@@ -519,10 +516,10 @@ class BestFitBlockPool(BlockPool):
         return self.blocks[block_id].block_hash is None
 
     def _drop_reservation(self, rid: str | None) -> None:
-        span = self._reservations.get(rid) if rid is not None else None
-        if span is not None:
+        holder = self._reservations.get(rid) if rid is not None else None
+        if holder is not None:
+            nxt, end = holder.res_next, holder.res_end
             self._end_reservation(rid)
-            nxt, end = span
             del self._owner_at[end]
             self._reserved_mask[nxt:end] = bytes(end - nxt)
             self._runs.add_run(nxt, end)  # reserved blocks never carry a hash
@@ -561,12 +558,11 @@ class BestFitBlockPool(BlockPool):
         runs = self._runs
         reserved_mask = self._reserved_mask
         # 1. own reservation
-        span = self._reservations.get(rid) if rid is not None else None
-        if span is not None:
-            nxt, end = span
+        if placement is not None and placement.res_end:
+            nxt, end = placement.res_next, placement.res_end
             if nxt == tail + 1:
                 got = min(num, end - nxt)
-                self._consume_reservation(rid, span, got)
+                self._consume_reservation(rid, placement, got)
                 for block_id in range(nxt, nxt + got):
                     self._claim(block_id)
                 out.extend(range(nxt, nxt + got))
@@ -606,8 +602,8 @@ class BestFitBlockPool(BlockPool):
         # 4. other requests' reservations: split the largest; the far part becomes this request's
         while len(out) < num and self._reservations:
             owner = self._largest_reservation()
-            span = self._reservations[owner]
-            nxt, end = span
+            holder = self._reservations[owner]
+            nxt, end = holder.res_next, holder.res_end
             need = num - len(out)
             if need >= end - nxt:
                 cut, keep = nxt, 0
@@ -621,7 +617,7 @@ class BestFitBlockPool(BlockPool):
             if cut == nxt:
                 self._end_reservation(owner)
             else:
-                span[1] = cut
+                holder.res_end = cut
                 self._owner_at[cut] = owner
             for block_id in range(cut, cut + got):
                 self._claim(block_id)
@@ -833,7 +829,7 @@ class BestFitBlockPool(BlockPool):
         placement = self._placements.get(request_id)
         if placement is None:
             return
-        if placement.span is not None:
+        if placement.res_end:
             self._drop_reservation(request_id)
         if request_id in self._rooms:
             self._drop_room(request_id)
@@ -916,15 +912,17 @@ class BestFitBlockPool(BlockPool):
 
     def check_invariants(self) -> None:
         """Assert the invariants of the free structures (O(num_blocks); for tests)."""
-        reserved = {i for nxt, end in self._reservations.values() for i in range(nxt, end)}
+        spans = {rid: (holder.res_next, holder.res_end) for rid, holder in self._reservations.items()}
+        reserved = {i for nxt, end in spans.values() for i in range(nxt, end)}
         assert reserved == {i for i, r in enumerate(self._reserved_mask) if r}
-        assert self._owner_at == {span[1]: rid for rid, span in self._reservations.items()}
+        assert self._owner_at == {end: rid for rid, (_, end) in spans.items()}
         for rid, placement in self._placements.items():
             assert placement.pool is self and placement.request.request_id == rid
             cached = getattr(placement.request, _PLACEMENT_ATTR, placement)  # or another pool's, if shared
             assert cached is placement or cached.pool is not self
-            assert placement.span is self._reservations.get(rid)
-        for rid, (nxt, end) in self._reservations.items():  # never adjacent: the owner scan finds starts
+            assert (placement.res_end != 0) == (self._reservations.get(rid) is placement)
+        for rid, (nxt, end) in spans.items():  # never adjacent: the owner scan finds starts
+            assert nxt < end and self._placements.get(rid) is self._reservations[rid]
             assert nxt == 0 or not self._reserved_mask[nxt - 1]
             assert any(entry[2] == rid and -entry[0] >= end - nxt for entry in self._reservation_heap)
         roomed = {i for nxt, end in self._rooms.values() for i in range(nxt, end)}
