@@ -382,29 +382,35 @@ static PyObject *FreeRuns_add_run(FreeRunsObject *self, PyObject *const *args, P
     Py_RETURN_NONE;
 }
 
+/* Sort ids[0:n] (ascending) and add them to `runs`, one merge per consecutive stretch; none may be a member
+ * or listed twice (checked before anything changes). */
+static int add_ids(FreeRunsObject *runs, idx *ids, idx n) {
+    qsort(ids, (size_t)n, sizeof(idx), compare_starts);
+    for (idx i = 0; i < n; i++)
+        if (ids[i] < 0 || ids[i] >= runs->num_blocks || runs->member[ids[i]] || (i && ids[i] == ids[i - 1])) {
+            PyErr_Format(PyExc_ValueError, "block %zd cannot join the free runs", ids[i]);
+            return -1;
+        }
+    for (idx i = 0; i < n;) {
+        idx j = i + 1;
+        while (j < n && ids[j] == ids[j - 1] + 1) j++;
+        add_run_unchecked(runs, ids[i], ids[j - 1] + 1);
+        i = j;
+    }
+    return 0;
+}
+
 static PyObject *FreeRuns_add_many(FreeRunsObject *self, PyObject *arg) {
     if (!PyList_Check(arg)) return PyErr_Format(PyExc_TypeError, "add_many takes a list of block ids");
     if (PyList_Sort(arg) < 0) return NULL;
     Py_ssize_t n = PyList_GET_SIZE(arg);
     idx stack_ids[256];
-    idx *ids = n <= 256 ? stack_ids : PyMem_Malloc((size_t)n * sizeof(idx));
+    idx *ids = n <= 256 ? stack_ids : PyMem_Malloc((size_t)(n > 0 ? n : 1) * sizeof(idx));
     if (!ids) return PyErr_NoMemory();
     PyObject *result = NULL;
-    for (Py_ssize_t i = 0; i < n; i++) {
-        if (get_index(PyList_GET_ITEM(arg, i), &ids[i]) < 0 || check_id(self, ids[i]) < 0) goto done;
-        if ((i && ids[i] == ids[i - 1]) || self->member[ids[i]]) {
-            PyErr_Format(PyExc_ValueError, "block %zd is already free or listed twice", ids[i]);
-            goto done;
-        }
-    }
-    for (Py_ssize_t i = 0; i < n;) { /* one merge per consecutive stretch */
-        Py_ssize_t j = i + 1;
-        while (j < n && ids[j] == ids[j - 1] + 1) j++;
-        add_run_unchecked(self, ids[i], ids[j - 1] + 1);
-        i = j;
-    }
-    result = Py_NewRef(Py_None);
-done:
+    Py_ssize_t i = 0;
+    while (i < n && get_index(PyList_GET_ITEM(arg, i), &ids[i]) == 0) i++;
+    if (i == n && add_ids(self, ids, n) == 0) result = Py_NewRef(Py_None);
     if (ids != stack_ids) PyMem_Free(ids);
     return result;
 }
@@ -489,23 +495,6 @@ static PyObject *get_field(PyObject *block, PyMemberDef *member, PyObject *name)
 static int set_field(PyObject *block, PyMemberDef *member, PyObject *name, PyObject *value) {
     if (Py_TYPE(block) == fields.type) return PyMember_SetOne((char *)block, member, value);
     return PyObject_SetAttr(block, name, value);
-}
-
-/* Sort ids[0:n] (ascending) and add them to `runs`, one merge per consecutive stretch. */
-static int add_ids(FreeRunsObject *runs, idx *ids, idx n) {
-    qsort(ids, (size_t)n, sizeof(idx), compare_starts);
-    for (idx i = 0; i < n; i++)
-        if (ids[i] < 0 || ids[i] >= runs->num_blocks || runs->member[ids[i]] || (i && ids[i] == ids[i - 1])) {
-            PyErr_Format(PyExc_ValueError, "block %zd cannot join the free runs", ids[i]);
-            return -1;
-        }
-    for (idx i = 0; i < n;) {
-        idx j = i + 1;
-        while (j < n && ids[j] == ids[j - 1] + 1) j++;
-        add_run_unchecked(runs, ids[i], ids[j - 1] + 1);
-        i = j;
-    }
-    return 0;
 }
 
 typedef struct {
