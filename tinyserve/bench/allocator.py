@@ -580,7 +580,7 @@ def main(argv: list[str] | None = None) -> int:
             compacted[mode][load] = result["summary"]
             if settings.compaction_gather_runs is not None and load == "moderate":
                 gathered_tables = result["tables"]
-    costs: dict[str, list[dict[str, float]]] = {"vllm": [], "tinyserve": [], "tinyserve_python_free_runs": []}
+    costs: dict[str, list[dict[str, Any]]] = {"vllm": [], "tinyserve": [], "tinyserve_python_free_runs": []}
     for num_blocks in (10_000, args.big_blocks):
         _progress(f"cost per operation at {num_blocks} blocks, both pools in alternation ...")
         measured = op_cost(num_blocks=num_blocks, ops=args.ops, seed=args.seed)
@@ -616,15 +616,11 @@ def main(argv: list[str] | None = None) -> int:
     for stock_at, ours_at, python_at in zip(costs["vllm"], costs["tinyserve"], costs["tinyserve_python_free_runs"]):
         for regime in ("filling", "steady"):
             stock, ours_cost, python_cost = stock_at[regime], ours_at[regime], python_at[regime]
-            cost_rows.append((
-                str(stock_at["num_blocks"]), regime,
-                f"{stock['us_per_allocated_block']:.2f}", f"{ours_cost['us_per_allocated_block']:.2f}",
-                f"{ours_cost['us_per_allocated_block'] / stock['us_per_allocated_block']:.2f}x",
-                f"{python_cost['us_per_allocated_block'] / stock['us_per_allocated_block']:.2f}x",
-                f"{stock['us_per_freed_block']:.2f}", f"{ours_cost['us_per_freed_block']:.2f}",
-                f"{ours_cost['us_per_freed_block'] / stock['us_per_freed_block']:.2f}x",
-                f"{python_cost['us_per_freed_block'] / stock['us_per_freed_block']:.2f}x",
-            ))
+            row = [str(stock_at["num_blocks"]), regime]
+            for key in ("us_per_allocated_block", "us_per_freed_block"):
+                row += [f"{stock[key]:.2f}", f"{ours_cost[key]:.2f}", f"{ours_cost[key] / stock[key]:.2f}x",
+                        f"{python_cost[key] / stock[key]:.2f}x"]
+            cost_rows.append(tuple(row))
     print(_table(cost_rows))
     print()
     compaction_rows = [("TinyServe pool, compaction", *(f"{load}: {mode}" for load in loads_cfg

@@ -275,17 +275,36 @@ static PyObject *fit_result(idx start) {
     return PyLong_FromSsize_t(start);
 }
 
+/* `num` of best_fit and best_fit_older: a block count >= 0. */
+static int get_fit_size(PyObject *arg, idx *num) {
+    if (get_index(arg, num) < 0) return -1;
+    if (*num < 0) {
+        PyErr_SetString(PyExc_ValueError, "best_fit of a negative number of blocks");
+        return -1;
+    }
+    return 0;
+}
+
+/* Borrow `serial`, an array('q') of at least n LRU stamps indexed by block id, as int64s (give it back with
+ * PyBuffer_Release). */
+static int get_serial(PyObject *serial, Py_buffer *view, idx n, int writable) {
+    if (PyObject_GetBuffer(serial, view, PyBUF_FORMAT | (writable ? PyBUF_WRITABLE : 0)) < 0) return -1;
+    if (view->itemsize != 8 || view->len < n * 8 || !view->format ||
+        (strcmp(view->format, "q") && strcmp(view->format, "l"))) {
+        PyBuffer_Release(view);
+        PyErr_Format(PyExc_TypeError, "serial must be an array('q') of at least %zd entries", n);
+        return -1;
+    }
+    return 0;
+}
+
 static PyObject *FreeRuns_best_fit(FreeRunsObject *self, PyObject *const *args, Py_ssize_t nargs) {
     if (nargs < 1 || nargs > 2) {
         PyErr_SetString(PyExc_TypeError, "best_fit(num, accept=None)");
         return NULL;
     }
     idx num;
-    if (get_index(args[0], &num) < 0) return NULL;
-    if (num < 0) {
-        PyErr_SetString(PyExc_ValueError, "best_fit of a negative number of blocks");
-        return NULL;
-    }
+    if (get_fit_size(args[0], &num) < 0) return NULL;
     return fit_result(best_fit(self, num, nargs == 2 && args[1] != Py_None ? args[1] : NULL, NULL, 0));
 }
 
@@ -295,19 +314,10 @@ static PyObject *FreeRuns_best_fit_older(FreeRunsObject *self, PyObject *const *
         PyErr_SetString(PyExc_TypeError, "best_fit_older(num, serial, limit)");
         return NULL;
     }
-    if (get_index(args[0], &num) < 0 || get_index(args[2], &limit) < 0) return NULL;
-    if (num < 0) {
-        PyErr_SetString(PyExc_ValueError, "best_fit of a negative number of blocks");
-        return NULL;
-    }
     Py_buffer view;
-    if (PyObject_GetBuffer(args[1], &view, PyBUF_FORMAT) < 0) return NULL;
-    PyObject *result;
-    if (view.itemsize != 8 || view.len < self->num_blocks * 8 || !view.format ||
-        (strcmp(view.format, "q") && strcmp(view.format, "l")))
-        result = PyErr_Format(PyExc_TypeError, "serial must be an array('q') of at least num_blocks entries");
-    else
-        result = fit_result(best_fit(self, num, NULL, (const int64_t *)view.buf, limit));
+    if (get_fit_size(args[0], &num) < 0 || get_index(args[2], &limit) < 0) return NULL;
+    if (get_serial(args[1], &view, self->num_blocks, 0) < 0) return NULL;
+    PyObject *result = fit_result(best_fit(self, num, NULL, (const int64_t *)view.buf, limit));
     PyBuffer_Release(&view);
     return result;
 }
@@ -546,12 +556,7 @@ static PyObject *release_blocks(PyObject *Py_UNUSED(module), PyObject *const *ar
         return PyErr_Format(PyExc_TypeError, "free_mask and in_lru must be bytearrays of the pool's size");
     if (check_list_size(hits, n, "hits") < 0) return NULL;
     Py_buffer stamps;
-    if (PyObject_GetBuffer(serial, &stamps, PyBUF_WRITABLE | PyBUF_FORMAT) < 0) return NULL;
-    if (stamps.itemsize != 8 || stamps.len < n * 8 || !stamps.format || (strcmp(stamps.format, "q") &&
-                                                                         strcmp(stamps.format, "l"))) {
-        PyBuffer_Release(&stamps);
-        return PyErr_Format(PyExc_TypeError, "serial must be an array('q') of the pool's size");
-    }
+    if (get_serial(serial, &stamps, n, 1) < 0) return NULL;
     int64_t *serial_at = (int64_t *)stamps.buf;
     uint8_t *free_bytes = (uint8_t *)PyByteArray_AS_STRING(free_mask);
     uint8_t *lru_bytes = (uint8_t *)PyByteArray_AS_STRING(in_lru);

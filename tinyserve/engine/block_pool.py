@@ -141,12 +141,9 @@ class BestFitBlockPool(BlockPool):
             block.prev_free_block = block.next_free_block = None
         self._lru = FreeKVCacheBlockQueue([])
         self._in_lru = bytearray(num_gpu_blocks)
-        self._cold = FreeRuns(num_gpu_blocks)
-        self._runs = FreeRuns(num_gpu_blocks)
         # The free pass compiled with FreeRuns (`_free_runs.release_blocks`: the same steps as the Python
         # below, for caching on), or None: the Python pass.
-        self._compiled_release = compiled_release_blocks() if enable_caching else None
-        self._runs.add_range(1, num_gpu_blocks)
+        self._make_free_runs(FreeRuns, compiled_release_blocks() if enable_caching else None)
         self._free_mask = bytearray(b"\x01") * num_gpu_blocks
         self._free_mask[0] = 0  # the null block
         self._num_free = num_gpu_blocks - 1
@@ -188,14 +185,19 @@ class BestFitBlockPool(BlockPool):
             "prefix_cache_hits_total": 0,
         }
 
+    def _make_free_runs(self, runs_type: type, release: Any) -> None:
+        """The fresh pool's two run structures (every block but the null one placeable, none cached) and
+        its free pass (None: the Python one)."""
+        self._cold = runs_type(self.num_gpu_blocks)
+        self._runs = runs_type(self.num_gpu_blocks)
+        self._runs.add_range(1, self.num_gpu_blocks)
+        self._compiled_release = release
+
     def use_reference_free_runs(self) -> None:
         """Put the Python reference of FreeRuns and of the free pass in place of the compiled ones (a fresh
         pool only: for benchmarks and tests that compare the two)."""
         assert self._num_free == self.num_gpu_blocks - 1 and not self._placements, "only a fresh pool"
-        self._cold = ReferenceFreeRuns(self.num_gpu_blocks)
-        self._runs = ReferenceFreeRuns(self.num_gpu_blocks)
-        self._runs.add_range(1, self.num_gpu_blocks)
-        self._compiled_release = None
+        self._make_free_runs(ReferenceFreeRuns, None)
 
     # ---- vLLM BlockPool interface --------------------------------------------------------------
 
@@ -207,12 +209,12 @@ class BestFitBlockPool(BlockPool):
         if num_blocks == 1 and placement is not None and not self.metrics_collector:
             # Fast paths of decode growth (the steps of `_take`, inlined: the hottest path of the pool).
             block_id = placement.tail + 1
-            reserved = placement.res_end
-            if reserved and placement.res_next == block_id:
+            res_end = placement.res_end
+            if res_end and placement.res_next == block_id:
                 # The next block of the request's own reservation (a free block: the count allows it).
                 # Reserved blocks carry no hash and are in no other structure.
                 self._reserved_mask[block_id] = 0
-                if block_id + 1 == reserved:
+                if block_id + 1 == res_end:
                     self._end_reservation(placement.request.request_id)
                     del self._owner_at[block_id + 1]
                 else:
@@ -227,7 +229,7 @@ class BestFitBlockPool(BlockPool):
             if not self._num_free:
                 raise ValueError("Cannot get 1 free blocks from the pool")
             rooms = self._rooms
-            room = rooms.get(placement.request.request_id) if not reserved and rooms else None
+            room = rooms.get(placement.request.request_id) if not res_end and rooms else None
             if room is not None and room[0] == block_id:
                 # The next block of the request's own room (even while placeable blocks are free): room
                 # blocks are free, cached, out of the LRU (`_consume_room` for one block, inlined).
@@ -238,7 +240,7 @@ class BestFitBlockPool(BlockPool):
                 else:
                     room[0] = block_id + 1
                 found = True
-            elif reserved or self._runs.num_free or not self._reservations:
+            elif res_end or self._runs.num_free or not self._reservations:
                 found = False
             else:
                 # Only reserved empty blocks are left and they go before any cached block: the far end
