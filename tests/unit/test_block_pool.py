@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 from collections import Counter
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tinyserve.bench.kv_trace import KVDriver, TraceRequest, make_kv_manager, make_trace
-from tinyserve.engine.block_pool import BestFitBlockPool, install_block_pool, uninstall_block_pool
+from tinyserve.engine.block_pool import (
+    BestFitBlockPool,
+    install_block_pool,
+    uninstall_block_pool,
+)
 from tinyserve.engine.fragmentation import count_runs
 from tinyserve.engine.settings import AllocatorSettings
 
@@ -130,13 +135,16 @@ def test_same_trace_same_schedule_and_hits_as_stock() -> None:
     assert results[0][2] == results[1][2]
 
 def test_compiled_free_path_makes_the_reference_choices() -> None:
-    """The pool with compiled FreeRuns and free pass (`_free_runs.c`) and the pool with the Python reference
-    hand out the same blocks at every step of a trace with prefix hits, evictions and preemption."""
+    """The pool with its compiled parts (FreeRuns and the free pass in `_free_runs.c`, placement records and
+    reservation growth in `_placement.c`) and the pool with the Python references hand out the same blocks
+    at every step of a trace with prefix hits, evictions and preemption."""
     from tinyserve.engine.free_runs import ReferenceFreeRuns, compiled_free_runs
+    from tinyserve.engine.placement import ReferencePlacement
 
     assert compiled_free_runs() is not None
     trace = make_trace(seed=5, num_requests=80, arrivals_per_step=2.0)
     timelines = []
+    grown_in_c: list[bool] = []
     for compiled in (True, False):
         manager = make_kv_manager(160, BLOCK)
         pool = manager.block_pool
@@ -144,6 +152,17 @@ def test_compiled_free_path_makes_the_reference_choices() -> None:
             pool.use_reference_free_runs()
         assert (pool._compiled_release is not None) == compiled
         assert (type(pool._runs) is ReferenceFreeRuns) != compiled
+        assert (pool._placement_type is ReferencePlacement) != compiled
+        assert (pool._grow_in_reservation is not None) == compiled
+        if compiled:
+            grow = pool._grow_in_reservation
+
+            def counting_growth(placement: Any, grow: Any = grow) -> Any:
+                taken = grow(placement)
+                grown_in_c.append(taken is not None)
+                return taken
+
+            pool._grow_in_reservation = counting_growth
         tables: list[dict[str, list[int]]] = []
         driver = KVDriver(manager, BLOCK, max_num_seqs=24,
                           on_step=lambda d: (d.manager.block_pool.check_invariants(), tables.append(d.block_tables())))
@@ -151,6 +170,7 @@ def test_compiled_free_path_makes_the_reference_choices() -> None:
         assert driver.finished == len(trace)
         timelines.append((tables, driver.preemptions, pool.counters["evictions_total"], driver.prefix_hit_tokens))
     assert timelines[0][1] > 0 and timelines[0][2] > 0 and timelines[0][3] > 0  # the trace reaches those paths
+    assert any(grown_in_c) and not all(grown_in_c)  # the compiled growth took blocks, and declined others
     assert timelines[0] == timelines[1]
 
 

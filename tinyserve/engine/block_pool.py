@@ -47,8 +47,17 @@ from typing import Any
 from vllm.v1.core.block_pool import BlockPool
 from vllm.v1.core.kv_cache_utils import FreeKVCacheBlockQueue, KVCacheBlock
 
-from tinyserve.engine.free_runs import FreeRuns, ReferenceFreeRuns, compiled_release_blocks
+from tinyserve.engine.free_runs import (
+    FreeRuns,
+    ReferenceFreeRuns,
+    compiled_release_blocks,
+)
 from tinyserve.engine.own_runs import TableScan
+from tinyserve.engine.placement import (
+    Placement,
+    ReferencePlacement,
+    compiled_reservation_growth,
+)
 from tinyserve.engine.settings import AllocatorSettings
 
 __all__ = ["BestFitBlockPool", "install_block_pool", "uninstall_block_pool"]
@@ -60,7 +69,7 @@ class _FreeQueueView:
     """Stand-in for vLLM's `free_block_queue` for code outside the pool that touches it directly
     (e.g. sink-attention managers pop blocks from it); every call goes through the pool's bookkeeping."""
 
-    def __init__(self, pool: "BestFitBlockPool") -> None:
+    def __init__(self, pool: BestFitBlockPool) -> None:
         self._pool = pool
 
     @property
@@ -94,27 +103,6 @@ class _FreeQueueView:
 _PLACEMENT_ATTR = "_tinyserve_placement"
 
 
-class _Placement:
-    """Placement state of one request that is running or allocating, in one pool: the pool and its vLLM
-    Request (both None once the pool forgot it), the id of the last block of its table (-2 before it holds
-    one), how many blocks its table holds, its reservation [res_next, res_end) (res_end 0: none; the
-    placement is `BestFitBlockPool._reservations[request id]` iff it has one), and the runs of its own
-    blocks as far as compaction has read its table (`own_runs.TableScan`). The reservation lives here, not
-    in an object of its own: decode growth reads it on every allocation, and each further object is one
-    more cache miss among thousands of interleaved requests."""
-
-    __slots__ = ("pool", "request", "tail", "held", "res_next", "res_end", "scan")
-
-    def __init__(self, pool: Any, request: Any) -> None:
-        self.pool = pool
-        self.request = request
-        self.tail = -2
-        self.held = 0
-        self.res_next = 0
-        self.res_end = 0
-        self.scan: TableScan | None = None  # what compaction has read of the request's table (made on demand)
-
-
 class BestFitBlockPool(BlockPool):
     """vLLM's block pool with best-fit contiguous placement and fragmentation-aware LRU eviction.
 
@@ -141,9 +129,6 @@ class BestFitBlockPool(BlockPool):
             block.prev_free_block = block.next_free_block = None
         self._lru = FreeKVCacheBlockQueue([])
         self._in_lru = bytearray(num_gpu_blocks)
-        # The free pass compiled with FreeRuns (`_free_runs.release_blocks`: the same steps as the Python
-        # below, for caching on), or None: the Python pass.
-        self._make_free_runs(FreeRuns, compiled_release_blocks() if enable_caching else None)
         self._free_mask = bytearray(b"\x01") * num_gpu_blocks
         self._free_mask[0] = 0  # the null block
         self._num_free = num_gpu_blocks - 1
@@ -171,10 +156,10 @@ class BestFitBlockPool(BlockPool):
         self._room_owner_at: dict[int, str] = {}  # room end (exclusive) -> request id
         # request id -> its placement, for each request with blocks reserved right after its last block
         # ([res_next, res_end) of the placement)
-        self._reservations: dict[str, _Placement] = {}
+        self._reservations: dict[str, ReferencePlacement] = {}
         # Who is allocating now (set by the KVCacheManager wrappers), and per-request placement state.
-        self._current: _Placement | None = None
-        self._placements: dict[str, _Placement] = {}
+        self._current: ReferencePlacement | None = None
+        self._placements: dict[str, ReferencePlacement] = {}
         self._kv_manager: Any = None
         self._mean_output: float | None = None  # moving mean of finished requests' output tokens
         self.counters = {
@@ -184,20 +169,29 @@ class BestFitBlockPool(BlockPool):
             "prefix_cache_queries_total": 0,
             "prefix_cache_hits_total": 0,
         }
+        self._use_compiled_parts(True)
 
-    def _make_free_runs(self, runs_type: type, release: Any) -> None:
-        """The fresh pool's two run structures (every block but the null one placeable, none cached) and
-        its free pass (None: the Python one)."""
+    def _use_compiled_parts(self, compiled: bool) -> None:
+        """The fresh pool's two run structures (every block but the null one placeable, none cached), its
+        free pass (`_compiled_release`: `_free_runs.release_blocks`, the same steps as the Python pass, for
+        caching on; None: the Python pass), its placement record type and its decode growth step in a
+        reservation (`_grow_in_reservation`; None: the Python fast path): the compiled ones where they
+        were built, or (compiled False) the Python references."""
+        runs_type = FreeRuns if compiled else ReferenceFreeRuns
         self._cold = runs_type(self.num_gpu_blocks)
         self._runs = runs_type(self.num_gpu_blocks)
         self._runs.add_range(1, self.num_gpu_blocks)
-        self._compiled_release = release
+        self._compiled_release = compiled_release_blocks() if compiled and self.enable_caching else None
+        self._placement_type = Placement if compiled else ReferencePlacement
+        self._grow_in_reservation = (compiled_reservation_growth(self.blocks, self._free_mask, self._reserved_mask)
+                                     if compiled else None)
 
     def use_reference_free_runs(self) -> None:
-        """Put the Python reference of FreeRuns and of the free pass in place of the compiled ones (a fresh
-        pool only: for benchmarks and tests that compare the two)."""
+        """Put the Python references of FreeRuns, the free pass, the placement record and reservation
+        growth in place of the compiled ones (a fresh pool only: for benchmarks and tests that compare the
+        two)."""
         assert self._num_free == self.num_gpu_blocks - 1 and not self._placements, "only a fresh pool"
-        self._make_free_runs(ReferenceFreeRuns, None)
+        self._use_compiled_parts(False)
 
     # ---- vLLM BlockPool interface --------------------------------------------------------------
 
@@ -208,6 +202,12 @@ class BestFitBlockPool(BlockPool):
         placement = self._current
         if num_blocks == 1 and placement is not None and not self.metrics_collector:
             # Fast paths of decode growth (the steps of `_take`, inlined: the hottest path of the pool).
+            grow = self._grow_in_reservation
+            if grow is not None:
+                taken = grow(placement)  # the first branch below, compiled (its last block aside)
+                if taken is not None:
+                    self._num_free -= 1
+                    return taken
             block_id = placement.tail + 1
             res_end = placement.res_end
             if res_end and placement.res_next == block_id:
@@ -465,7 +465,7 @@ class BestFitBlockPool(BlockPool):
         if block_id + 1 < end:  # reserved blocks never carry a hash
             self._runs.add_run(block_id + 1, end)
 
-    def _consume_reservation(self, rid: str, holder: _Placement, got: int) -> None:
+    def _consume_reservation(self, rid: str, holder: ReferencePlacement, got: int) -> None:
         """The owner (`holder`, the placement of `rid`) takes the first `got` blocks of its reservation."""
         nxt, end = holder.res_next, holder.res_end
         reserved_mask = self._reserved_mask
@@ -558,7 +558,6 @@ class BestFitBlockPool(BlockPool):
         tail = placement.tail if placement is not None else -2
         held = placement.held if placement is not None else 0
         runs = self._runs
-        reserved_mask = self._reserved_mask
         # 1. own reservation
         if placement is not None and placement.res_end:
             nxt, end = placement.res_next, placement.res_end
@@ -810,7 +809,7 @@ class BestFitBlockPool(BlockPool):
         if placement is None or placement.pool is not self:  # none yet, another pool's, or forgotten
             placement = self._placements.get(request.request_id)
             if placement is None:
-                placement = self._placements[request.request_id] = _Placement(self, request)
+                placement = self._placements[request.request_id] = self._placement_type(self, request)
             try:
                 setattr(request, _PLACEMENT_ATTR, placement)
             except AttributeError:  # a request type without room for it: the dict lookup every time
