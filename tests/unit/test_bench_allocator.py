@@ -35,12 +35,12 @@ def test_quick_run_writes_json_and_png(tmp_path, capsys) -> None:
             assert compacted["blocks_moved_per_request"] >= 0
             assert report["replay"][load]["tinyserve"]["blocks_moved_per_request"] == 0
     costs = report["op_cost"]
-    assert len(costs["vllm"]) == len(costs["tinyserve"]) == len(costs["tinyserve_python_free_runs"]) == 2
+    assert len(costs["vllm"]) == len(costs["tinyserve"]) == len(costs["tinyserve_python_references"]) == 2
     for pool_costs in costs.values():
         for at in pool_costs:
             for regime in ("filling", "steady"):
                 assert at[regime]["us_per_allocated_block"] > 0 and at[regime]["us_per_freed_block"] > 0
-    assert report["free_runs"] == "compiled (_free_runs.c)" and "python FreeRuns ratio" in printed
+    assert report["compiled_parts"] == "_free_runs.c, _placement.c" and "Python refs ratio" in printed
     copies = report["offload_copy_cpu"]["tinyserve"]
     assert copies["by_runs_copy_calls_per_request"] == copies["runs_per_request"]
     assert copies["by_blocks_copy_calls_per_request"] >= copies["by_runs_copy_calls_per_request"]

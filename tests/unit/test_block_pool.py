@@ -149,7 +149,7 @@ def test_compiled_free_path_makes_the_reference_choices() -> None:
         manager = make_kv_manager(160, BLOCK)
         pool = manager.block_pool
         if not compiled:
-            pool.use_reference_free_runs()
+            pool.use_python_references()
         assert (pool._compiled_release is not None) == compiled
         assert (type(pool._runs) is ReferenceFreeRuns) != compiled
         assert (pool._placement_type is ReferencePlacement) != compiled

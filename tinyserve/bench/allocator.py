@@ -13,7 +13,7 @@
    after start-up, as vLLM's engine core does), in two regimes: *filling* (right after the start, free
    blocks never used yet) and *steady* (once every block was handed out: free blocks are freed ones, and
    allocating evicts cached ones). TinyServe's timing includes telling the pool which request allocates;
-   TinyServe with the Python reference of FreeRuns is timed too. Each
+   TinyServe with the Python references of its compiled parts is timed too. Each
    operation is timed alone; the median per operation is reported (robust on a shared machine, where a
    mean mostly measures time the process was descheduled), means are in the JSON too.
 3. What contiguity buys: each finished request's KV gathered into one buffer, as an offload or a transfer
@@ -354,7 +354,7 @@ class _CostRunner:
     since the start; `recycle` runs (untimed) until it reaches the pool's size."""
 
     def __init__(self, *, ours: bool, num_blocks: int, seed: int, mean_blocks: int = 40,
-                 reference_free_runs: bool = False) -> None:
+                 python_references: bool = False) -> None:
         from vllm.v1.core.block_pool import BlockPool
 
         from tinyserve.engine.block_pool import BestFitBlockPool
@@ -363,8 +363,8 @@ class _CostRunner:
         self.rng = random.Random(seed)
         self.mean_blocks = mean_blocks
         self.pool = (BestFitBlockPool if ours else BlockPool)(num_blocks, True, 32)
-        if reference_free_runs:
-            self.pool.use_reference_free_runs()
+        if python_references:
+            self.pool.use_python_references()
         self.live = max(1, int(0.7 * num_blocks / mean_blocks))
         self.serial = 0
         self.op = 0
@@ -431,17 +431,18 @@ class _CostRunner:
 
 def op_cost(*, num_blocks: int, ops: int, seed: int, repeats: int = 3) -> dict[str, dict[str, Any]]:
     """µs per allocated and per freed block at `num_blocks` for vLLM's pool, TinyServe's, and TinyServe's
-    with the Python reference of FreeRuns and the free pass instead of the compiled ones (what compiling
-    buys), in two regimes: `filling` (right after the start, while free blocks are ones never used) and
-    `steady` (after `_CostRunner.recycle`: every free block was used, cached ones are evicted to allocate).
+    with the Python references of FreeRuns, the free pass, the placement record and reservation growth
+    instead of the compiled ones (what compiling buys), in two regimes: `filling` (right after the start,
+    while free blocks are ones never used) and `steady` (after `_CostRunner.recycle`: every free block was
+    used, cached ones are evicted to allocate).
     Pools are measured in alternation (`repeats` rounds of ops/repeats operations each), best round per
     pool (the machine is shared)."""
     import gc
 
     runners = {"vllm": _CostRunner(ours=False, num_blocks=num_blocks, seed=seed),
                "tinyserve": _CostRunner(ours=True, num_blocks=num_blocks, seed=seed),
-               "tinyserve_python_free_runs": _CostRunner(ours=True, num_blocks=num_blocks, seed=seed,
-                                                         reference_free_runs=True)}
+               "tinyserve_python_references": _CostRunner(ours=True, num_blocks=num_blocks, seed=seed,
+                                                          python_references=True)}
     result: dict[str, dict[str, Any]] = {
         name: {"num_blocks": num_blocks, "live_sequences": runner.live} for name, runner in runners.items()}
     gc.collect()
@@ -580,7 +581,7 @@ def main(argv: list[str] | None = None) -> int:
             compacted[mode][load] = result["summary"]
             if settings.compaction_gather_runs is not None and load == "moderate":
                 gathered_tables = result["tables"]
-    costs: dict[str, list[dict[str, Any]]] = {"vllm": [], "tinyserve": [], "tinyserve_python_free_runs": []}
+    costs: dict[str, list[dict[str, Any]]] = {"vllm": [], "tinyserve": [], "tinyserve_python_references": []}
     for num_blocks in (10_000, args.big_blocks):
         _progress(f"cost per operation at {num_blocks} blocks, both pools in alternation ...")
         measured = op_cost(num_blocks=num_blocks, ops=args.ops, seed=args.seed)
@@ -611,9 +612,9 @@ def main(argv: list[str] | None = None) -> int:
         cause_rows.append((key, *(f"{loads[l][n]['summary']['run_causes_per_request'][key]:.3g}" for l in loads for n in loads[l])))
     print(_table(cause_rows))
     print()
-    cost_rows = [("blocks", "regime", "vllm µs/alloc", "tinyserve µs/alloc", "ratio", "python FreeRuns ratio",
-                  "vllm µs/free", "tinyserve µs/free", "ratio", "python FreeRuns ratio")]
-    for stock_at, ours_at, python_at in zip(costs["vllm"], costs["tinyserve"], costs["tinyserve_python_free_runs"]):
+    cost_rows = [("blocks", "regime", "vllm µs/alloc", "tinyserve µs/alloc", "ratio", "Python refs ratio",
+                  "vllm µs/free", "tinyserve µs/free", "ratio", "Python refs ratio")]
+    for stock_at, ours_at, python_at in zip(costs["vllm"], costs["tinyserve"], costs["tinyserve_python_references"]):
         for regime in ("filling", "steady"):
             stock, ours_cost, python_cost = stock_at[regime], ours_at[regime], python_at[regime]
             row = [str(stock_at["num_blocks"]), regime]
@@ -656,7 +657,7 @@ def main(argv: list[str] | None = None) -> int:
         "replay_compaction": compacted,
         "timeline": {load: {name: r["timeline"] for name, r in pools.items()} for load, pools in loads.items()},
         "op_cost": costs,
-        "free_runs": "compiled (_free_runs.c)" if FreeRuns is not ReferenceFreeRuns else "python reference",
+        "compiled_parts": "_free_runs.c, _placement.c" if FreeRuns is not ReferenceFreeRuns else "none (Python references)",
         "offload_copy_cpu": copies,
         "gather_pick_cost": pick_cost,
     }

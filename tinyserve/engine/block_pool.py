@@ -186,7 +186,7 @@ class BestFitBlockPool(BlockPool):
         self._grow_in_reservation = (compiled_reservation_growth(self.blocks, self._free_mask, self._reserved_mask)
                                      if compiled else None)
 
-    def use_reference_free_runs(self) -> None:
+    def use_python_references(self) -> None:
         """Put the Python references of FreeRuns, the free pass, the placement record and reservation
         growth in place of the compiled ones (a fresh pool only: for benchmarks and tests that compare the
         two)."""
