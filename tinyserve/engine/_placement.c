@@ -163,8 +163,9 @@ static PyObject *ReservationGrowth_call(ReservationGrowthObject *self, PyObject 
     long long block_id = placement->tail + 1;
     Py_ssize_t n = PyList_GET_SIZE(self->blocks);
     if (!placement->res_end || placement->res_next != block_id || block_id + 1 >= placement->res_end ||
-        block_id < 1 || placement->res_end > n)
-        Py_RETURN_NONE;
+        block_id < 1 || placement->res_end > n || placement->res_end > PyByteArray_GET_SIZE(self->free_mask) ||
+        placement->res_end > PyByteArray_GET_SIZE(self->reserved_mask))
+        Py_RETURN_NONE; /* not this step, or a mask shorter than the reservation */
     PyObject **slot = &PyList_GET_ITEM(self->blocks, block_id);
     uint8_t *free_at = (uint8_t *)PyByteArray_AS_STRING(self->free_mask) + block_id;
     uint8_t *reserved_at = (uint8_t *)PyByteArray_AS_STRING(self->reserved_mask) + block_id;
