@@ -215,3 +215,42 @@ def test_compiled_release_refuses_mismatched_pool_state() -> None:
             release_blocks([], *state.values(), 0, COMPILED(n), COMPILED(n))
     with pytest.raises(TypeError):
         release_blocks([], *good.values(), 0, COMPILED(n), COMPILED(n - 1))
+
+
+class _PlainBlock:
+    """A block type without slots: the compiled free pass reads it through getattr."""
+
+    def __init__(self, block_id: int) -> None:
+        self.block_id, self.ref_cnt, self._block_hash, self.is_null = block_id, 0, None, False
+
+
+@pytest.mark.skipif(COMPILED is None, reason="compiled FreeRuns not built")
+@pytest.mark.parametrize("block_type", ["KVCacheBlock", "plain"])
+def test_compiled_release_files_each_kind_of_block(block_type: str) -> None:
+    from vllm.v1.core.kv_cache_utils import KVCacheBlock
+
+    from tinyserve.engine._free_runs import release_blocks
+
+    n = 10
+    blocks = [(KVCacheBlock if block_type == "KVCacheBlock" else _PlainBlock)(i) for i in range(n)]
+    blocks[0].is_null = True
+    for block in blocks:
+        block.ref_cnt = 1
+    blocks[2].ref_cnt = 2  # still held by another request after this free
+    blocks[5]._block_hash = blocks[6]._block_hash = b"cached"
+    free_mask, in_lru, serial, hits = bytearray(n), bytearray(n), array("q", bytes(8 * n)), [0] * n
+    hits[6] = 1
+    runs, cold = COMPILED(n), COMPILED(n)
+    freed, cached, clock = release_blocks([blocks[i] for i in (0, 2, 3, 4, 5, 6, 7)], free_mask, in_lru, serial,
+                                          hits, 7, runs, cold)
+    assert (freed, cached, clock) == (5, [blocks[5], blocks[6]], 9)
+    assert [b.ref_cnt for b in blocks[:8]] == [0, 1, 1, 0, 0, 0, 0, 0]
+    assert free_mask == bytearray([0, 0, 0, 1, 1, 1, 1, 1, 0, 0]) and in_lru == bytearray([0] * 5 + [1, 1] + [0] * 3)
+    assert (serial[5], serial[6]) == (7, 8)
+    assert runs.runs() == [(3, 5), (7, 8)] and cold.runs() == [(5, 6)]  # block 6 was hit: in the LRU, not cold
+    if block_type == "KVCacheBlock":  # an unset slot is an error, not a crash
+        broken = KVCacheBlock(8)
+        broken.ref_cnt = 1
+        del broken._block_hash
+        with pytest.raises(AttributeError):
+            release_blocks([broken], free_mask, in_lru, serial, hits, 9, runs, cold)

@@ -6,8 +6,8 @@
  * reference's dict order), so best_fit and largest pick the same run. The reference states the
  * invariants; this file only adds where it keeps things:
  *   member    a bytearray, 1 per member id (shared with Python code as `_member`);
- *   end_at    at a run's start: its exclusive end;  start_at  at a run's last id: its start;
- *   next_in / prev_in  at a run's start: the neighbours in its class's filing order (-1: none);
+ *   slot      per id, one 16-byte record: at a run's start its exclusive `end` and its `next` / `prev`
+ *             neighbours in its class's filing order (-1: none); at a run's last id its `start`;
  *   head / tail / count  per class;  mask  one bit per non-empty class.
  * Misuse that could corrupt the structure (ids out of range, adding a member, removing a non-member)
  * raises ValueError instead of the reference's AssertionError.
@@ -34,12 +34,18 @@ static idx size_class(idx length) {
     return EXACT_CLASSES + ((idx)(top - 7) << SUB_BITS) + sub;
 }
 
+/* One id's run fields, together so that filing a run touches one cache line at its start (ids fit 32 bits:
+ * FreeRuns refuses pools of 2**31 blocks or more). */
+typedef struct {
+    int32_t end, start, next, prev;
+} RunSlot;
+
 typedef struct {
     PyObject_HEAD
     idx num_blocks, num_free, num_runs;
     PyObject *member_obj; /* bytearray of num_blocks bytes; never resized */
     uint8_t *member;
-    idx *end_at, *start_at, *next_in, *prev_in;
+    RunSlot *slot; /* per id; a run's fields at its start (end, next, prev) and last id (start) */
     idx num_classes, num_words;
     idx *head, *tail, *count;
     uint64_t *mask;
@@ -50,17 +56,17 @@ static PyTypeObject FreeRunsType;
 /* ---- filing ------------------------------------------------------------------------------------ */
 
 static void file_in(FreeRunsObject *self, idx start, idx end) {
-    self->end_at[start] = end;
-    self->start_at[end - 1] = start;
+    self->slot[start].end = end;
+    self->slot[end - 1].start = start;
     idx cls = size_class(end - start);
     idx last = self->tail[cls];
-    self->prev_in[start] = last;
-    self->next_in[start] = -1;
+    self->slot[start].prev = last;
+    self->slot[start].next = -1;
     if (last < 0) {
         self->head[cls] = start;
         self->mask[cls >> 6] |= 1ULL << (cls & 63);
     } else {
-        self->next_in[last] = start;
+        self->slot[last].next = start;
     }
     self->tail[cls] = start;
     self->count[cls]++;
@@ -68,9 +74,9 @@ static void file_in(FreeRunsObject *self, idx start, idx end) {
 
 static void file_out(FreeRunsObject *self, idx start, idx end) {
     idx cls = size_class(end - start);
-    idx prev = self->prev_in[start], next = self->next_in[start];
-    if (prev < 0) self->head[cls] = next; else self->next_in[prev] = next;
-    if (next < 0) self->tail[cls] = prev; else self->prev_in[next] = prev;
+    idx prev = self->slot[start].prev, next = self->slot[start].next;
+    if (prev < 0) self->head[cls] = next; else self->slot[prev].next = next;
+    if (next < 0) self->tail[cls] = prev; else self->slot[next].prev = prev;
     if (--self->count[cls] == 0) self->mask[cls >> 6] &= ~(1ULL << (cls & 63));
 }
 
@@ -106,11 +112,11 @@ static void add_run_unchecked(FreeRunsObject *self, idx start, idx end) {
     int right = end < self->num_blocks && member[end];
     idx run_start = start, run_end = end;
     if (left) {
-        run_start = self->start_at[start - 1];
+        run_start = self->slot[start - 1].start;
         file_out(self, run_start, start);
     }
     if (right) {
-        run_end = self->end_at[end];
+        run_end = self->slot[end].end;
         file_out(self, end, run_end);
     }
     file_in(self, run_start, run_end);
@@ -166,10 +172,7 @@ static int parse_two(PyObject *const *args, Py_ssize_t nargs, const char *name, 
 
 static void FreeRuns_dealloc(FreeRunsObject *self) {
     Py_XDECREF(self->member_obj);
-    PyMem_Free(self->end_at);
-    PyMem_Free(self->start_at);
-    PyMem_Free(self->next_in);
-    PyMem_Free(self->prev_in);
+    PyMem_Free(self->slot);
     PyMem_Free(self->head);
     PyMem_Free(self->tail);
     PyMem_Free(self->count);
@@ -185,8 +188,8 @@ static int FreeRuns_init(FreeRunsObject *self, PyObject *args, PyObject *kwargs)
         PyErr_SetString(PyExc_RuntimeError, "FreeRuns is initialised once");
         return -1;
     }
-    if (n < 0) {
-        PyErr_SetString(PyExc_ValueError, "num_blocks must be >= 0");
+    if (n < 0 || n > INT32_MAX) {
+        PyErr_SetString(PyExc_ValueError, "num_blocks must be in [0, 2**31)");
         return -1;
     }
     self->num_blocks = n;
@@ -197,15 +200,12 @@ static int FreeRuns_init(FreeRunsObject *self, PyObject *args, PyObject *kwargs)
     self->num_classes = size_class(n > 1 ? n : 1) + 1;
     self->num_words = (self->num_classes + 63) / 64;
     size_t ids = (size_t)(n > 0 ? n : 1);
-    self->end_at = PyMem_Calloc(ids, sizeof(idx));
-    self->start_at = PyMem_Calloc(ids, sizeof(idx));
-    self->next_in = PyMem_Calloc(ids, sizeof(idx));
-    self->prev_in = PyMem_Calloc(ids, sizeof(idx));
+    self->slot = PyMem_Calloc(ids, sizeof(RunSlot));
     self->head = PyMem_Malloc(self->num_classes * sizeof(idx));
     self->tail = PyMem_Malloc(self->num_classes * sizeof(idx));
     self->count = PyMem_Calloc(self->num_classes, sizeof(idx));
     self->mask = PyMem_Calloc(self->num_words, sizeof(uint64_t));
-    if (!self->end_at || !self->start_at || !self->next_in || !self->prev_in || !self->head || !self->tail ||
+    if (!self->slot || !self->head || !self->tail ||
         !self->count || !self->mask) {
         PyErr_NoMemory();
         return -1;
@@ -228,7 +228,7 @@ static PyObject *FreeRuns_run_at(FreeRunsObject *self, PyObject *arg) {
     idx start;
     if (get_index(arg, &start) < 0) return NULL;
     if (0 <= start && start < self->num_blocks && self->member[start] && (start == 0 || !self->member[start - 1]))
-        return PyLong_FromSsize_t(self->end_at[start]);
+        return PyLong_FromSsize_t(self->slot[start].end);
     Py_RETURN_NONE;
 }
 
@@ -239,9 +239,9 @@ static idx best_fit(FreeRunsObject *self, idx num, PyObject *accept, const int64
     idx examined = 0;
     for (idx cls = next_class(self, size_class(num)); cls >= 0; cls = next_class(self, cls + 1)) {
         idx best = -1, best_len = 0, seen = 0;
-        for (idx start = self->head[cls]; start >= 0; start = self->next_in[start]) {
+        for (idx start = self->head[cls]; start >= 0; start = self->slot[start].next) {
             seen++;
-            idx length = self->end_at[start] - start;
+            idx length = self->slot[start].end - start;
             if (length >= num && (best < 0 || length < best_len) && (!serial || serial[start] < limit)) {
                 int accepted = 1;
                 if (accept) {
@@ -326,8 +326,8 @@ static PyObject *FreeRuns_largest(FreeRunsObject *self, PyObject *Py_UNUSED(igno
     idx cls = top_class(self);
     if (cls < 0) Py_RETURN_NONE;
     idx best = -1, best_len = 0;
-    for (idx start = self->head[cls]; start >= 0; start = self->next_in[start]) {
-        idx length = self->end_at[start] - start;
+    for (idx start = self->head[cls]; start >= 0; start = self->slot[start].next) {
+        idx length = self->slot[start].end - start;
         if (length > best_len) best = start, best_len = length;
     }
     return Py_BuildValue("(nn)", best, best_len);
@@ -343,12 +343,12 @@ static PyObject *FreeRuns_runs(FreeRunsObject *self, PyObject *Py_UNUSED(ignored
     if (!starts) return PyErr_NoMemory();
     idx found = 0;
     for (idx cls = 0; cls < self->num_classes; cls++)
-        for (idx start = self->head[cls]; start >= 0 && found < self->num_runs; start = self->next_in[start])
+        for (idx start = self->head[cls]; start >= 0 && found < self->num_runs; start = self->slot[start].next)
             starts[found++] = start;
     qsort(starts, (size_t)found, sizeof(idx), compare_starts);
     PyObject *out = PyList_New(found);
     for (idx i = 0; out && i < found; i++) {
-        PyObject *run = Py_BuildValue("(nn)", starts[i], self->end_at[starts[i]]);
+        PyObject *run = Py_BuildValue("(nn)", starts[i], self->slot[starts[i]].end);
         if (!run) Py_CLEAR(out); else PyList_SET_ITEM(out, i, run);
     }
     PyMem_Free(starts);
@@ -430,7 +430,7 @@ static PyObject *FreeRuns_take_prefix(FreeRunsObject *self, PyObject *const *arg
     if (parse_two(args, nargs, "take_prefix", &start, &num) < 0 || check_id(self, start) < 0) return NULL;
     if (!self->member[start] || (start > 0 && self->member[start - 1]))
         return PyErr_Format(PyExc_ValueError, "no run starts at %zd", start);
-    idx end = self->end_at[start];
+    idx end = self->slot[start].end;
     if (num <= 0 || num > end - start)
         return PyErr_Format(PyExc_ValueError, "cannot take %zd blocks of a run of %zd", num, end - start);
     file_out(self, start, end);
@@ -442,7 +442,7 @@ static PyObject *FreeRuns_take_prefix(FreeRunsObject *self, PyObject *const *arg
 
 /* Remove [start, end), which lies inside the run that starts at run_start. */
 static void cut(FreeRunsObject *self, idx run_start, idx start, idx end) {
-    idx run_end = self->end_at[run_start];
+    idx run_end = self->slot[run_start].end;
     file_out(self, run_start, run_end);
     if (run_start < start) file_in(self, run_start, start);
     if (end < run_end) file_in(self, end, run_end);
@@ -456,7 +456,7 @@ static PyObject *FreeRuns_remove_range(FreeRunsObject *self, PyObject *const *ar
     if (parse_two(args, nargs, "remove_range", &start, &end) < 0 || check_span(self, start, end) < 0) return NULL;
     if (!self->member[start]) return PyErr_Format(PyExc_ValueError, "block %zd is not free", start);
     idx run_start = run_start_of(self, start);
-    if (end > self->end_at[run_start])
+    if (end > self->slot[run_start].end)
         return PyErr_Format(PyExc_ValueError, "[%zd, %zd) is not inside one run", start, end);
     cut(self, run_start, start, end);
     Py_RETURN_NONE;
@@ -472,7 +472,7 @@ static PyObject *FreeRuns_remove(FreeRunsObject *self, PyObject *arg) {
 
 /* ---- the pool's free pass ---------------------------------------------------------------------- */
 
-/* Fields of vLLM's KVCacheBlock (a dataclass with slots): read and written through their member
+/* Fields of vLLM's KVCacheBlock (a dataclass with slots): read in place and written through their member
  * descriptors, resolved once per block type; a block of another type goes through getattr. */
 typedef struct {
     PyTypeObject *type;
@@ -497,9 +497,55 @@ static void resolve_fields(PyTypeObject *type) {
     if (fields.ref_cnt && fields.block_hash && fields.block_id && fields.is_null) fields.type = type;
 }
 
-static PyObject *get_field(PyObject *block, PyMemberDef *member, PyObject *name) {
-    if (Py_TYPE(block) == fields.type) return PyMember_GetOne((const char *)block, member);
-    return PyObject_GetAttr(block, name);
+/* A slot's object of the resolved type, read in place without taking a reference (NULL: unset, an error
+ * raised). Taking one would be a store into the object: for a block's hash object, otherwise never touched
+ * here, one cache miss per cached block. */
+static PyObject *slot_value(PyObject *block, PyMemberDef *member, PyObject *name) {
+    PyObject *value = *(PyObject **)((char *)block + member->offset);
+    if (!value) PyErr_SetObject(PyExc_AttributeError, name);
+    return value;
+}
+
+static int in_place(PyObject *block, PyMemberDef *member) {
+    return Py_TYPE(block) == fields.type && member->type == T_OBJECT_EX;
+}
+
+/* 1 if the field is None, 0 if not, -1 on error. */
+static int field_is_none(PyObject *block, PyMemberDef *member, PyObject *name) {
+    if (in_place(block, member)) {
+        PyObject *value = slot_value(block, member, name);
+        return value ? value == Py_None : -1;
+    }
+    PyObject *value = PyObject_GetAttr(block, name);
+    if (!value) return -1;
+    Py_DECREF(value);
+    return value == Py_None;
+}
+
+/* The field's truth value, -1 on error. */
+static int field_truth(PyObject *block, PyMemberDef *member, PyObject *name) {
+    if (in_place(block, member)) {
+        PyObject *value = slot_value(block, member, name);
+        return value ? PyObject_IsTrue(value) : -1;
+    }
+    PyObject *value = PyObject_GetAttr(block, name);
+    if (!value) return -1;
+    int truth = PyObject_IsTrue(value);
+    Py_DECREF(value);
+    return truth;
+}
+
+/* The field's value as an index, -1 with an error set on failure. */
+static idx field_index(PyObject *block, PyMemberDef *member, PyObject *name) {
+    if (in_place(block, member)) {
+        PyObject *value = slot_value(block, member, name);
+        return value ? PyLong_AsSsize_t(value) : -1;
+    }
+    PyObject *value = PyObject_GetAttr(block, name);
+    if (!value) return -1;
+    idx index = PyLong_AsSsize_t(value);
+    Py_DECREF(value);
+    return index;
 }
 
 static int set_field(PyObject *block, PyMemberDef *member, PyObject *name, PyObject *value) {
@@ -568,10 +614,8 @@ static PyObject *release_blocks(PyObject *Py_UNUSED(module), PyObject *const *ar
     if (!iterator || !cached) goto done;
     while ((block = PyIter_Next(iterator))) {
         if (Py_TYPE(block) != fields.type) resolve_fields(Py_TYPE(block));
-        PyObject *ref = get_field(block, fields.ref_cnt, name_ref_cnt);
-        long count = ref ? PyLong_AsLong(ref) : -1;
-        Py_XDECREF(ref);
-        PyObject *lowered = count == -1 && PyErr_Occurred() ? NULL : PyLong_FromLong(count - 1);
+        idx count = field_index(block, fields.ref_cnt, name_ref_cnt);
+        PyObject *lowered = count == -1 && PyErr_Occurred() ? NULL : PyLong_FromSsize_t(count - 1);
         if (!lowered || set_field(block, fields.ref_cnt, name_ref_cnt, lowered) < 0) {
             Py_XDECREF(lowered);
             Py_DECREF(block);
@@ -580,14 +624,10 @@ static PyObject *release_blocks(PyObject *Py_UNUSED(module), PyObject *const *ar
         Py_DECREF(lowered);
         int ok = 1;
         if (count == 1) {
-            PyObject *is_null = get_field(block, fields.is_null, name_is_null);
-            int null = is_null ? PyObject_IsTrue(is_null) : -1;
-            Py_XDECREF(is_null);
-            PyObject *hash = null == 0 ? get_field(block, fields.block_hash, name_block_hash) : NULL;
-            PyObject *id_obj = hash ? get_field(block, fields.block_id, name_block_id) : NULL;
-            idx block_id = id_obj ? PyLong_AsSsize_t(id_obj) : -1;
-            Py_XDECREF(id_obj);
-            if (null < 0 || (null == 0 && (!hash || (block_id == -1 && PyErr_Occurred())))) {
+            int null = field_truth(block, fields.is_null, name_is_null);
+            int no_hash = null == 0 ? field_is_none(block, fields.block_hash, name_block_hash) : -1;
+            idx block_id = no_hash >= 0 ? field_index(block, fields.block_id, name_block_id) : -1;
+            if (null < 0 || (null == 0 && (no_hash < 0 || (block_id == -1 && PyErr_Occurred())))) {
                 ok = 0;
             } else if (null == 0) {
                 if (block_id < 0 || block_id >= n) {
@@ -599,7 +639,7 @@ static PyObject *release_blocks(PyObject *Py_UNUSED(module), PyObject *const *ar
                 } else {
                     free_bytes[block_id] = 1;
                     freed++;
-                    if (hash == Py_None) {
+                    if (no_hash) {
                         ok = push_id(&empty, block_id) == 0;
                     } else {
                         ok = PyList_Append(cached, block) == 0;
@@ -611,7 +651,6 @@ static PyObject *release_blocks(PyObject *Py_UNUSED(module), PyObject *const *ar
                     }
                 }
             }
-            Py_XDECREF(hash);
         }
         Py_DECREF(block);
         if (!ok) goto done;
