@@ -95,3 +95,22 @@ def test_growth_refuses_inconsistent_state() -> None:
         compiled_reservation_growth(blocks, free_mask, bytearray(3))
     with pytest.raises(TypeError):
         compiled_reservation_growth(tuple(blocks), free_mask, reserved_mask)
+
+
+def test_growth_trusts_its_remembered_next_block_only_for_that_list_and_id() -> None:
+    blocks, free_mask, reserved_mask = _pool_state()
+    grow = compiled_reservation_growth(blocks, free_mask, reserved_mask)
+    placement = Placement(None, None)
+    placement.tail, placement.res_next, placement.res_end = 4, 5, 11
+    reserved_mask[5:11] = b"\x01" * 6
+    assert grow(placement) == [blocks[5]]  # remembers block 6 for the next step
+    # The Python path moved the request (compaction, a new reservation): id 6 is no longer next.
+    placement.tail, placement.res_next = 7, 8
+    assert grow(placement) == [blocks[8]]
+    # Another pool's growth, same ids: its own list's block, not the one remembered from this list.
+    other_blocks, other_free, other_reserved = _pool_state()
+    other_reserved[9:11] = b"\x01\x01"
+    other = compiled_reservation_growth(other_blocks, other_free, other_reserved)
+    taken = other(placement)
+    assert taken == [other_blocks[9]] and taken[0] is not blocks[9]
+    assert blocks[9].ref_cnt == 0 and reserved_mask[9] == 1

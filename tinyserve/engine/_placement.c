@@ -6,9 +6,11 @@
  *
  * ReservationGrowth is the hottest step of BestFitBlockPool.get_new_blocks (block_pool.py has the Python
  * it mirrors): a request taking the next block of its own reservation. It issues the loads that step needs
- * (the block list's slot, both masks, the block object) before using any of them, so that their misses
- * overlap instead of following one another. It declines (returns None, changing nothing) whenever the
- * step is not that one, or the block would end the reservation: the Python path handles those.
+ * (both masks, the block object, the list's slot of the block after it) before using any of them, so that
+ * their misses overlap instead of following one another, and it remembers that next block in the
+ * placement, so the request's next step starts from the block object instead of the list. It declines
+ * (returns None, changing nothing) whenever the step is not that one, or the block would end the
+ * reservation: the Python path handles those.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -21,6 +23,12 @@ typedef struct {
     PyObject_HEAD
     long long tail, held, res_next, res_end;
     PyObject *pool, *request, *scan;
+    /* Set by ReservationGrowth only: the block object of id `next_id` in the block list `next_list` (compared,
+     * never dereferenced), so that the next growth step does not wait on the list's slot before it can load
+     * the block. NULL: none. */
+    PyObject *next_block;
+    PyObject *next_list;
+    long long next_id;
 } PlacementObject;
 
 static int Placement_init(PlacementObject *self, PyObject *args, PyObject *kwargs) {
@@ -33,6 +41,7 @@ static int Placement_init(PlacementObject *self, PyObject *args, PyObject *kwarg
     Py_XSETREF(self->request, request);
     Py_INCREF(Py_None);
     Py_XSETREF(self->scan, Py_None);
+    Py_CLEAR(self->next_block);
     self->tail = -2;
     self->held = self->res_next = self->res_end = 0;
     return 0;
@@ -42,6 +51,7 @@ static int Placement_traverse(PlacementObject *self, visitproc visit, void *arg)
     Py_VISIT(self->pool);
     Py_VISIT(self->request);
     Py_VISIT(self->scan);
+    Py_VISIT(self->next_block);
     return 0;
 }
 
@@ -49,6 +59,7 @@ static int Placement_clear(PlacementObject *self) {
     Py_CLEAR(self->pool);
     Py_CLEAR(self->request);
     Py_CLEAR(self->scan);
+    Py_CLEAR(self->next_block);
     return 0;
 }
 
@@ -166,12 +177,17 @@ static PyObject *ReservationGrowth_call(ReservationGrowthObject *self, PyObject 
         block_id < 1 || placement->res_end > n || placement->res_end > PyByteArray_GET_SIZE(self->free_mask) ||
         placement->res_end > PyByteArray_GET_SIZE(self->reserved_mask))
         Py_RETURN_NONE; /* not this step, or a mask shorter than the reservation */
-    PyObject **slot = &PyList_GET_ITEM(self->blocks, block_id);
     uint8_t *free_at = (uint8_t *)PyByteArray_AS_STRING(self->free_mask) + block_id;
     uint8_t *reserved_at = (uint8_t *)PyByteArray_AS_STRING(self->reserved_mask) + block_id;
     __builtin_prefetch(free_at, 1);
     __builtin_prefetch(reserved_at, 1);
-    PyObject *block = *slot;
+    /* The step after this one is also this step iff block_id + 2 < res_end: its block's slot is loaded now,
+     * beside this block's, instead of first thing then. */
+    PyObject **next_slot = block_id + 2 < placement->res_end ? &PyList_GET_ITEM(self->blocks, block_id + 1) : NULL;
+    if (next_slot) __builtin_prefetch(next_slot, 0);
+    PyObject *block = placement->next_block && placement->next_id == block_id && placement->next_list == self->blocks
+                          ? placement->next_block
+                          : PyList_GET_ITEM(self->blocks, block_id);
     PyTypeObject *type = Py_TYPE(block);
     if (type != self->block_type) {
         self->ref_cnt_offset = ref_cnt_offset_of(type);
@@ -199,6 +215,15 @@ static PyObject *ReservationGrowth_call(ReservationGrowthObject *self, PyObject 
     Py_XSETREF(*ref_cnt, PyLong_FromLong(1)); /* a small int: no allocation, cannot fail */
     Py_INCREF(block);
     PyList_SET_ITEM(result, 0, block);
+    if (next_slot) {
+        PyObject *next = *next_slot;
+        Py_INCREF(next);
+        Py_XSETREF(placement->next_block, next);
+        placement->next_list = self->blocks;
+        placement->next_id = block_id + 1;
+    } else {
+        Py_CLEAR(placement->next_block);
+    }
     return result;
 }
 
