@@ -581,12 +581,11 @@ def main(argv: list[str] | None = None) -> int:
             compacted[mode][load] = result["summary"]
             if settings.compaction_gather_runs is not None and load == "moderate":
                 gathered_tables = result["tables"]
-    costs: dict[str, list[dict[str, Any]]] = {"vllm": [], "tinyserve": [], "tinyserve_python_references": []}
+    costs: dict[str, list[dict[str, Any]]] = {}  # pool (op_cost's names) -> one entry per pool size
     for num_blocks in (10_000, args.big_blocks):
         _progress(f"cost per operation at {num_blocks} blocks, both pools in alternation ...")
-        measured = op_cost(num_blocks=num_blocks, ops=args.ops, seed=args.seed)
-        for name in costs:
-            costs[name].append(measured[name])
+        for name, measured in op_cost(num_blocks=num_blocks, ops=args.ops, seed=args.seed).items():
+            costs.setdefault(name, []).append(measured)
     _progress("gathering: finding the requests to gather, per step ...")
     pick_cost = gather_pick_cost(steps=16 if args.quick else 64)
     uninstall_block_pool()

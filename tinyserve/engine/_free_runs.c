@@ -497,54 +497,41 @@ static void resolve_fields(PyTypeObject *type) {
     if (fields.ref_cnt && fields.block_hash && fields.block_id && fields.is_null) fields.type = type;
 }
 
-/* A slot's object of the resolved type, read in place without taking a reference (NULL: unset, an error
- * raised). Taking one would be a store into the object: for a block's hash object, otherwise never touched
- * here, one cache miss per cached block. */
-static PyObject *slot_value(PyObject *block, PyMemberDef *member, PyObject *name) {
-    PyObject *value = *(PyObject **)((char *)block + member->offset);
-    if (!value) PyErr_SetObject(PyExc_AttributeError, name);
-    return value;
-}
-
-static int in_place(PyObject *block, PyMemberDef *member) {
-    return Py_TYPE(block) == fields.type && member->type == T_OBJECT_EX;
+/* The field's object. A slot of the resolved type is read in place, without taking a reference (*held
+ * NULL): taking one is a store into the object, and for a block's hash object, which nothing else here
+ * touches, that is one cache miss per cached block. Any other field goes through getattr (*held: the new
+ * reference, for the caller to release when done with the value). NULL: an error is set. */
+static PyObject *read_field(PyObject *block, PyMemberDef *member, PyObject *name, PyObject **held) {
+    *held = NULL;
+    if (Py_TYPE(block) == fields.type && member->type == T_OBJECT_EX) {
+        PyObject *value = *(PyObject **)((char *)block + member->offset);
+        if (!value) PyErr_SetObject(PyExc_AttributeError, name);
+        return value;
+    }
+    return *held = PyObject_GetAttr(block, name);
 }
 
 /* 1 if the field is None, 0 if not, -1 on error. */
 static int field_is_none(PyObject *block, PyMemberDef *member, PyObject *name) {
-    if (in_place(block, member)) {
-        PyObject *value = slot_value(block, member, name);
-        return value ? value == Py_None : -1;
-    }
-    PyObject *value = PyObject_GetAttr(block, name);
-    if (!value) return -1;
-    Py_DECREF(value);
-    return value == Py_None;
+    PyObject *held, *value = read_field(block, member, name, &held);
+    int none = value ? value == Py_None : -1;
+    Py_XDECREF(held);
+    return none;
 }
 
 /* The field's truth value, -1 on error. */
 static int field_truth(PyObject *block, PyMemberDef *member, PyObject *name) {
-    if (in_place(block, member)) {
-        PyObject *value = slot_value(block, member, name);
-        return value ? PyObject_IsTrue(value) : -1;
-    }
-    PyObject *value = PyObject_GetAttr(block, name);
-    if (!value) return -1;
-    int truth = PyObject_IsTrue(value);
-    Py_DECREF(value);
+    PyObject *held, *value = read_field(block, member, name, &held);
+    int truth = value ? PyObject_IsTrue(value) : -1;
+    Py_XDECREF(held);
     return truth;
 }
 
 /* The field's value as an index, -1 with an error set on failure. */
 static idx field_index(PyObject *block, PyMemberDef *member, PyObject *name) {
-    if (in_place(block, member)) {
-        PyObject *value = slot_value(block, member, name);
-        return value ? PyLong_AsSsize_t(value) : -1;
-    }
-    PyObject *value = PyObject_GetAttr(block, name);
-    if (!value) return -1;
-    idx index = PyLong_AsSsize_t(value);
-    Py_DECREF(value);
+    PyObject *held, *value = read_field(block, member, name, &held);
+    idx index = value ? PyLong_AsSsize_t(value) : -1;
+    Py_XDECREF(held);
     return index;
 }
 
